@@ -1,0 +1,185 @@
+"""DySample: a dynamic, point-sampling upsampler.
+
+Implements the upsampler of "Learning to Upsample by Learning to Sample" (Liu, Lu, Fu, Cao,
+ICCV 2023). A 1x1 convolution predicts, for every output pixel and every channel group, a small
+offset from the position bilinear interpolation would sample; the output is the input sampled
+bilinearly (border padding) at those points. With zero offsets DySample *is* bilinear
+interpolation (``align_corners=False``).
+
+This file holds the :class:`DySample` module (all four variants of the paper: LP / PL offset
+generation, static / dynamic scope) and its argument validation. The parameter and buffer names
+follow the authors' reference (``offset.*``, ``scope.*``, ``init_pos``) so their checkpoints load
+with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DySample", "STYLES"]
+
+STYLES = ("lp", "pl")
+STATIC_SCOPE = 0.25  # O = 0.25 * offset(X): keeps neighbouring sampling points from overlapping
+DYNAMIC_SCOPE = 0.5  # O = 0.5 * sigmoid(scope(X)) * offset(X): the "+" variants
+OFFSET_INIT_STD = 0.001  # offset conv weights ~ N(0, 0.001), bias 0 (paper, Sec. 3)
+
+
+def _as_whole_number(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` as an ``int`` or raise ``ValueError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or float(value) != int(value):
+        raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}")
+    if int(value) < minimum:
+        raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}")
+    return int(value)
+
+
+class DySample(nn.Module):
+    """Learned point-sampling upsampler (DySample, ICCV 2023).
+
+    Channels are split into ``groups`` contiguous groups; each group gets its own sampling point
+    for every output pixel. The sampling set is ``S = G + O``: ``G`` places each of the
+    ``scale**2`` sub-pixels of an input pixel where bilinear interpolation samples, ``O`` is the
+    learned offset, and the output is ``grid_sample(X, S)`` with bilinear weights and border
+    padding.
+
+    Args:
+        in_channels (int): Channels of the input (and of the output).
+        scale (int): Upsampling factor, a whole number >= 2.
+        style (str): ``"lp"`` (linear then pixel-shuffle: offsets from a 1x1 conv on X with
+            ``2 * groups * scale**2`` outputs) or ``"pl"`` (pixel-shuffle then linear: the conv runs
+            on ``pixel_shuffle(X)`` with ``in_channels / scale**2`` inputs and ``2 * groups``
+            outputs; the "-S" variants of the paper, fewer parameters).
+        groups (int): Channel groups with independent sampling points; must divide
+            ``in_channels`` (for PL: ``in_channels / scale**2``).
+        dyscope (bool): Dynamic scope (the "+" variants): ``O = 0.5 * sigmoid(scope(X)) * offset(X)``
+            instead of the static ``O = 0.25 * offset(X)``.
+
+    Examples:
+        >>> import torch
+        >>> from yolo_dysample import DySample
+        >>> up = DySample(64, scale=2, style="lp", groups=4, dyscope=True)
+        >>> up(torch.randn(2, 64, 20, 30)).shape
+        torch.Size([2, 64, 40, 60])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        scale: int = 2,
+        style: str = "lp",
+        groups: int = 4,
+        dyscope: bool = False,
+    ) -> None:
+        super().__init__()
+        in_channels = _as_whole_number("in_channels", in_channels, 1)
+        scale = _as_whole_number("scale", scale, 2)
+        groups = _as_whole_number("groups", groups, 1)
+        if not isinstance(style, str) or style.lower() not in STYLES:
+            raise ValueError(f"style={style!r} is not one of {STYLES}")
+        style = style.lower()
+        if not isinstance(dyscope, bool):
+            raise ValueError(f"dyscope={dyscope!r} must be True or False")
+        if in_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels}")
+        sub_pixels = scale * scale
+        if style == "pl":
+            if in_channels % sub_pixels:
+                raise ValueError(
+                    f"style='pl' needs in_channels={in_channels} divisible by scale**2={sub_pixels}"
+                )
+            if (in_channels // sub_pixels) % groups:
+                raise ValueError(
+                    f"style='pl' needs groups={groups} to divide in_channels / scale**2 = "
+                    f"{in_channels // sub_pixels}"
+                )
+            conv_in, conv_out = in_channels // sub_pixels, 2 * groups
+        else:
+            conv_in, conv_out = in_channels, 2 * groups * sub_pixels
+
+        self.in_channels = in_channels
+        self.scale = scale
+        self.style = style
+        self.groups = groups
+        self.dyscope = dyscope
+        self.pixel_shuffle_first = style == "pl"
+        self.offset_scale = DYNAMIC_SCOPE if dyscope else STATIC_SCOPE
+
+        self.offset = nn.Conv2d(conv_in, conv_out, kernel_size=1)
+        nn.init.normal_(self.offset.weight, mean=0.0, std=OFFSET_INIT_STD)
+        nn.init.zeros_(self.offset.bias)
+        self.scope = None
+        if dyscope:
+            self.scope = nn.Conv2d(conv_in, conv_out, kernel_size=1)
+            nn.init.zeros_(self.scope.weight)
+            nn.init.zeros_(self.scope.bias)
+        # Persistent: the authors' checkpoints carry it, so strict loading expects the key.
+        self.register_buffer("init_pos", self.bilinear_positions(scale, groups), persistent=True)
+
+    @staticmethod
+    def bilinear_positions(scale: int, groups: int) -> torch.Tensor:
+        """Where bilinear interpolation samples each sub-pixel, relative to the input-pixel centre.
+
+        Returns:
+            (torch.Tensor): Shape ``(1, 2 * groups * scale**2, 1, 1)``, channels ordered
+                ``(axis, group, sub-pixel row, sub-pixel column)``; axis 0 is x, axis 1 is y.
+        """
+        steps = (torch.arange(scale, dtype=torch.float32) - (scale - 1) / 2) / scale  # (k - (s-1)/2) / s
+        row_offset, column_offset = torch.meshgrid(steps, steps, indexing="ij")  # (s, s) each
+        positions = torch.stack((column_offset, row_offset))  # (2, s, s): x then y
+        return positions.unsqueeze(1).expand(2, groups, scale, scale).reshape(1, -1, 1, 1).clone()
+
+    def extra_repr(self) -> str:
+        """Configuration shown by ``print(module)``."""
+        return (
+            f"in_channels={self.in_channels}, scale={self.scale}, style={self.style!r}, "
+            f"groups={self.groups}, dyscope={self.dyscope}"
+        )
+
+    def sample_offsets(self, x: torch.Tensor) -> torch.Tensor:
+        """Learned offsets O in input pixels, shape ``(B, 2 * groups * scale**2, H, W)``.
+
+        Channels are ordered ``(axis, group, sub-pixel)`` like :attr:`init_pos`.
+        """
+        features = F.pixel_shuffle(x, self.scale) if self.pixel_shuffle_first else x
+        offsets = self.offset(features)
+        if self.scope is not None:
+            offsets = offsets * self.scope(features).sigmoid()
+        offsets = offsets * self.offset_scale
+        if self.pixel_shuffle_first:
+            offsets = F.pixel_unshuffle(offsets, self.scale)
+        return offsets
+
+    def sampling_grid(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Normalised sampling points for ``grid_sample``, shape ``(B * groups, s*H, s*W, 2)``.
+
+        Built from ``x``'s own shape, device and dtype, so a traced graph serves every resolution.
+        """
+        batch, _, height, width = x.shape
+        positions = (offsets + self.init_pos).reshape(batch, 2, -1, height, width)  # O + G - centre
+        column_centres = torch.arange(width, dtype=x.dtype, device=x.device) + 0.5  # pixel centres
+        row_centres = (torch.arange(height, dtype=x.dtype, device=x.device) + 0.5).unsqueeze(1)
+        # 2 p / size - 1: pixel units -> grid_sample's [-1, 1] (align_corners=False)
+        grid_x = (positions[:, 0] + column_centres) * (2.0 / width) - 1.0
+        grid_y = (positions[:, 1] + row_centres) * (2.0 / height) - 1.0
+        grid_x = F.pixel_shuffle(grid_x, self.scale)  # (B, groups, s*H, s*W)
+        grid_y = F.pixel_shuffle(grid_y, self.scale)
+        grid = torch.stack((grid_x, grid_y), dim=-1).to(x.dtype)  # (B, groups, s*H, s*W, 2)
+        return grid.reshape(batch * self.groups, self.scale * height, self.scale * width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample ``x`` of shape ``(B, in_channels, H, W)`` to ``(B, in_channels, s*H, s*W)``."""
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(
+                "DySample expects input of shape (B, "
+                + str(self.in_channels)
+                + ", H, W), got "
+                + str(list(x.shape))
+            )
+        batch, channels, height, width = x.shape
+        grid = self.sampling_grid(x, self.sample_offsets(x))
+        grouped = x.reshape(batch * self.groups, channels // self.groups, height, width)
+        out = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.reshape(batch, channels, self.scale * height, self.scale * width)
