@@ -14,10 +14,14 @@ with ``strict=True``.
 
 from __future__ import annotations
 
+import math
 import numbers
+from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from yolo_dysample.gather_sampling import grid_sample_by_gather
 
 __all__ = ["DySample", "STYLES"]
 
@@ -29,7 +33,12 @@ OFFSET_INIT_STD = 0.001  # offset conv weights ~ N(0, 0.001), bias 0 (paper, Sec
 
 def _as_whole_number(name: str, value: object, minimum: int) -> int:
     """Return ``value`` as an ``int`` or raise ``ValueError`` naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or float(value) != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)  # int(inf) raises OverflowError, int(nan) a message without the name
+        or float(value) != int(value)
+    ):
         raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}")
     if int(value) < minimum:
         raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}")
@@ -104,6 +113,7 @@ class DySample(nn.Module):
         self.style = style
         self.groups = groups
         self.dyscope = dyscope
+        self.sampler = "grid_sample"  # or "gather" (export-safe twin); see gather_sampling.set_sampler
         self.pixel_shuffle_first = style == "pl"
         self.offset_scale = DYNAMIC_SCOPE if dyscope else STATIC_SCOPE
 
@@ -138,36 +148,80 @@ class DySample(nn.Module):
             f"groups={self.groups}, dyscope={self.dyscope}"
         )
 
+    def _projection(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One of the 1x1 convs as a ``(2 * groups * s**2, in_channels)`` matrix on ``X`` and its bias.
+
+        Rows are ordered ``(group, sub-pixel, axis)``, the order ``grid_sample``'s grid needs, so
+        building the grid costs one cheap copy. PL's conv on ``pixel_shuffle(X)`` becomes a
+        block-structured matrix on ``X`` itself (sub-pixel ``k`` of output ``j`` reads channels
+        ``c * s**2 + k`` with weight ``W[j, c]``): no pixel_shuffle / pixel_unshuffle round trip.
+        """
+        groups, sub_pixels = self.groups, self.scale * self.scale
+        if bias is None:  # TorchScript types a conv's bias as optional; ours always have one
+            bias = weight.new_zeros(weight.shape[0])
+        if self.pixel_shuffle_first:
+            weight = weight.reshape(2, groups, 1, -1, 1)  # (axis, group, 1, C / s^2, 1)
+            identity = torch.eye(sub_pixels, dtype=weight.dtype, device=weight.device)
+            matrix = (weight * identity.reshape(1, 1, sub_pixels, 1, sub_pixels)).permute(1, 2, 0, 3, 4)
+            bias = bias.reshape(2, groups, 1).permute(1, 2, 0).expand(groups, sub_pixels, 2)
+        else:
+            matrix = weight.reshape(2, groups, sub_pixels, -1).permute(1, 2, 0, 3)  # (group, sub-pixel, axis, C)
+            bias = bias.reshape(2, groups, sub_pixels).permute(1, 2, 0)
+        return matrix.reshape(-1, self.in_channels), bias.reshape(-1, 1)
+
+    def _grouped_offsets(self, x: torch.Tensor) -> torch.Tensor:
+        """Offsets O in input pixels, shape ``(B, groups, s**2, 2, H * W)`` (axis last but one).
+
+        Both convs run as one batched matrix product on ``X`` with the scope factor folded into
+        the weights: ``0.25 * (W X + b) = (0.25 W) X + 0.25 b``.
+        """
+        batch, _, height, width = x.shape
+        rows = 2 * self.groups * self.scale * self.scale
+        matrix, bias = self._projection(self.offset.weight, self.offset.bias)
+        matrix, bias = matrix * self.offset_scale, bias * self.offset_scale
+        if self.scope is not None:
+            scope_matrix, scope_bias = self._projection(self.scope.weight, self.scope.bias)
+            matrix, bias = torch.cat((matrix, scope_matrix)), torch.cat((bias, scope_bias))
+        projected = torch.baddbmm(bias, matrix.expand(batch, -1, -1), x.flatten(2))  # (B, rows, H*W)
+        offsets = projected[:, :rows]
+        if self.scope is not None:
+            offsets = offsets * projected[:, rows:].sigmoid()  # 0.5 * sigmoid(scope(X)) * offset(X)
+        return offsets.reshape(batch, self.groups, -1, 2, height * width)
+
+    def _grouped_sampling_grid(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``grid_sample`` points from offsets shaped ``(B, groups, s**2, 2, H * W)``."""
+        batch, _, height, width = x.shape
+        coordinate_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: pixel arithmetic in float32
+        initial = self.init_pos.reshape(2, self.groups, -1, 1).permute(1, 2, 0, 3)  # G: (groups, s^2, 2, 1)
+        column_centres = torch.arange(width, dtype=coordinate_dtype, device=x.device) + 0.5  # pixel centres
+        row_centres = torch.arange(height, dtype=coordinate_dtype, device=x.device) + 0.5
+        centres = torch.stack((column_centres.expand(height, width), row_centres.unsqueeze(1).expand(height, width)))
+        unit = x.new_ones([1], dtype=coordinate_dtype)
+        to_unit_range = torch.cat((unit * (2.0 / width), unit * (2.0 / height))).reshape(2, 1)  # 2 / size per axis
+        # 2 p / size - 1: pixel units -> grid_sample's [-1, 1] (align_corners=False)
+        points = (offsets + initial + centres.reshape(2, -1)) * to_unit_range - 1.0  # (B, groups, s^2, 2, H*W)
+        grid = points.reshape(batch, self.groups, self.scale, self.scale, 2, height, width)
+        grid = grid.permute(0, 1, 5, 2, 6, 3, 4)  # (B, groups, H, sub-pixel row, W, sub-pixel column, axis)
+        return grid.reshape(batch * self.groups, self.scale * height, self.scale * width, 2).to(x.dtype)
+
     def sample_offsets(self, x: torch.Tensor) -> torch.Tensor:
         """Learned offsets O in input pixels, shape ``(B, 2 * groups * scale**2, H, W)``.
 
         Channels are ordered ``(axis, group, sub-pixel)`` like :attr:`init_pos`.
         """
-        features = F.pixel_shuffle(x, self.scale) if self.pixel_shuffle_first else x
-        offsets = self.offset(features)
-        if self.scope is not None:
-            offsets = offsets * self.scope(features).sigmoid()
-        offsets = offsets * self.offset_scale
-        if self.pixel_shuffle_first:
-            offsets = F.pixel_unshuffle(offsets, self.scale)
-        return offsets
+        batch, _, height, width = x.shape
+        offsets = self._grouped_offsets(x).reshape(batch, self.groups, -1, 2, height, width)
+        return offsets.permute(0, 3, 1, 2, 4, 5).reshape(batch, -1, height, width)
 
     def sampling_grid(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Normalised sampling points for ``grid_sample``, shape ``(B * groups, s*H, s*W, 2)``.
 
-        Built from ``x``'s own shape, device and dtype, so a traced graph serves every resolution.
+        ``offsets`` as :meth:`sample_offsets` returns them. Built from ``x``'s own shape, device and
+        dtype, so a traced graph serves every resolution.
         """
         batch, _, height, width = x.shape
-        positions = (offsets + self.init_pos).reshape(batch, 2, -1, height, width)  # O + G - centre
-        column_centres = torch.arange(width, dtype=x.dtype, device=x.device) + 0.5  # pixel centres
-        row_centres = (torch.arange(height, dtype=x.dtype, device=x.device) + 0.5).unsqueeze(1)
-        # 2 p / size - 1: pixel units -> grid_sample's [-1, 1] (align_corners=False)
-        grid_x = (positions[:, 0] + column_centres) * (2.0 / width) - 1.0
-        grid_y = (positions[:, 1] + row_centres) * (2.0 / height) - 1.0
-        grid_x = F.pixel_shuffle(grid_x, self.scale)  # (B, groups, s*H, s*W)
-        grid_y = F.pixel_shuffle(grid_y, self.scale)
-        grid = torch.stack((grid_x, grid_y), dim=-1).to(x.dtype)  # (B, groups, s*H, s*W, 2)
-        return grid.reshape(batch * self.groups, self.scale * height, self.scale * width, 2)
+        by_group = offsets.reshape(batch, 2, self.groups, -1, height * width).permute(0, 2, 3, 1, 4)
+        return self._grouped_sampling_grid(x, by_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Upsample ``x`` of shape ``(B, in_channels, H, W)`` to ``(B, in_channels, s*H, s*W)``."""
@@ -179,7 +233,10 @@ class DySample(nn.Module):
                 + str(list(x.shape))
             )
         batch, channels, height, width = x.shape
-        grid = self.sampling_grid(x, self.sample_offsets(x))
+        grid = self._grouped_sampling_grid(x, self._grouped_offsets(x))
         grouped = x.reshape(batch * self.groups, channels // self.groups, height, width)
-        out = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if getattr(self, "sampler", "grid_sample") == "gather":  # getattr: modules pickled before the attribute
+            out = grid_sample_by_gather(grouped, grid)
+        else:
+            out = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.reshape(batch, channels, self.scale * height, self.scale * width)

@@ -1,0 +1,194 @@
+"""Measurement helpers shared by ``bench_upsamplers.py`` and ``bench_models.py``.
+
+Timing: candidates run in interleaved rounds (each round times every candidate once, in a rotated
+order), so load from other processes hits all candidates alike; a candidate's latency is the median
+over rounds and a ratio is the median of the per-round ratios.
+
+Peak memory on CPU is the peak resident set size (``VmHWM``) above the resident size just before the
+measured call, read in a child process started with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so
+that glibc returns every large tensor to the OS when it is freed (otherwise freed blocks stay in the
+heap and later peaks read low). On CUDA it is ``torch.cuda.max_memory_allocated`` above the
+allocation before the call.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MEMORY_CHILD_ENVIRONMENT",
+    "format_ratio",
+    "interleaved_latency",
+    "load_average",
+    "machine_summary",
+    "mebibytes",
+    "median_ms",
+    "median_ratio",
+    "peak_memory_bytes",
+    "run_memory_child",
+]
+
+MEMORY_CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large allocations: mmap'd, unmapped on free
+MEBIBYTE = 1 << 20
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_block(function: Callable[[], object], iterations: int, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        function()
+    _synchronize(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def interleaved_latency(
+    candidates: dict[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int = 7,
+    min_block_seconds: float = 0.1,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Seconds per call of every candidate, one sample per round.
+
+    Each round times every candidate for a block of at least ``min_block_seconds`` (the iteration
+    count is fixed per candidate after a calibration call); the starting candidate rotates from
+    round to round.
+    """
+    iterations = {}
+    for name, function in candidates.items():
+        for _ in range(warmup):
+            function()
+        iterations[name] = max(1, round(min_block_seconds / max(_time_block(function, 1, device), 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for round_index in range(rounds):
+        gc.collect()
+        start = round_index % len(names)
+        for name in names[start:] + names[:start]:
+            samples[name].append(_time_block(candidates[name], iterations[name], device))
+    return samples
+
+
+def median_ratio(samples: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``sample / reference`` (the two measured in the same round)."""
+    return statistics.median(value / base for value, base in zip(samples, reference))
+
+
+def format_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x"
+
+
+def _resident_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_resident() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # 5: reset the peak resident set size (VmHWM) to the current size
+
+
+def peak_memory_bytes(function: Callable[[], object], device: torch.device) -> int:
+    """Peak memory that ``function()`` adds on top of what is allocated before it runs.
+
+    Call once before measuring (lazy initialisation); on CPU only meaningful in a process started
+    with :data:`MEMORY_CHILD_ENVIRONMENT`.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        function()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _resident_bytes("VmRSS:")
+    _reset_peak_resident()
+    function()
+    return max(0, _resident_bytes("VmHWM:") - before)
+
+
+def run_memory_child(script: Path, arguments: list[str], timeout: float = 900) -> dict:
+    """Run ``script --memory-child ...`` in a fresh process and return the JSON it prints last."""
+    environment = {**os.environ, **MEMORY_CHILD_ENVIRONMENT}
+    completed = subprocess.run(
+        [sys.executable, str(script), "--memory-child", *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if completed.returncode:
+        raise RuntimeError(f"memory child failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_total() -> str:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kibibytes = int(meminfo.readline().split()[1])
+        return f"{kibibytes / (1 << 20):.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+
+
+def machine_summary(device: torch.device, threads: int) -> dict[str, str]:
+    """The machine and the versions that produced a measurement."""
+    summary = {
+        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores, {_memory_total()} RAM)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch threads": str(threads),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    for package in ("ultralytics", "onnxruntime", "onnx", "numpy"):
+        try:
+            summary[package] = __import__(package).__version__
+        except ImportError:
+            summary[package] = "not installed"
+    if hasattr(os, "getloadavg"):
+        summary["load average at start (1/5/15 min)"] = " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    return summary
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def mebibytes(value: int) -> float:
+    return value / MEBIBYTE

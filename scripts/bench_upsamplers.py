@@ -1,0 +1,400 @@
+"""Benchmark DySample against the usual upsamplers: latency, memory, parameters and FLOPs.
+
+Upsamplers (``scripts/upsampler_baselines.py``): nearest, bilinear, ConvTranspose2d, 1x1 conv +
+PixelShuffle, CARAFE (pure PyTorch) and the four DySample variants (LP / PL, static / dynamic "+"
+scope, groups 4). Every ratio is measured side by side in one run, against bilinear interpolation,
+with interleaved rounds and medians (``scripts/bench_common.py``).
+
+1. The paper's setting, ``1 x 256 x 120 x 120`` upsampled x2: forward latency, forward+backward
+   latency, peak memory of a forward (inference) and of a forward+backward (training step),
+   parameters and GFLOPs.
+2. The neck shapes of YOLOv8n and YOLOv8s at 640 (what their ``nn.Upsample`` layers receive; found by
+   building the stock models): forward and forward+backward latency.
+3. Curves over feature-map size (batch 1, 256 channels) and over batch (128 x 40 x 40, YOLOv8n's
+   P4 neck shape) for nearest, bilinear and DySample: latency ratio to bilinear.
+
+Writes ``upsamplers.md``, ``upsamplers.json`` and ``upsamplers.png`` to ``--output-dir`` (default
+``docs/benchmarks``) and prints the machine and versions. The default run takes about 5 minutes on
+2 idle cores; ``--quick`` about 1 minute.
+
+Usage:
+    python scripts/bench_upsamplers.py [--quick] [--threads N] [--device cpu|cuda] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
+
+from bench_common import (  # noqa: E402
+    format_ratio,
+    interleaved_latency,
+    load_average,
+    machine_summary,
+    mebibytes,
+    median_ms,
+    median_ratio,
+    peak_memory_bytes,
+    run_memory_child,
+)
+from upsampler_baselines import UPSAMPLERS, build_upsampler, forward_flops, parameter_count  # noqa: E402
+
+PAPER_SHAPE = (1, 256, 120, 120)
+SCALE = 2
+REFERENCE = "bilinear"
+CURVE_UPSAMPLERS = ("nearest", "bilinear", "dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+")
+SIZE_CURVE = {"full": (10, 20, 40, 80, 120, 160), "quick": (20, 40, 80)}
+SIZE_CURVE_CHANNELS = 256
+BATCH_CURVE = {"full": (1, 2, 4, 8, 16), "quick": (1, 4)}
+BATCH_CURVE_SHAPE = (128, 40, 40)
+NECK_MODELS = ("yolov8n.yaml", "yolov8s.yaml")
+MODES = ("forward", "train")  # train: forward + backward of a given output gradient
+# Targets of issue 5, as ratios to bilinear interpolation at the paper's setting (CPU).
+TARGETS = (
+    ("dysample-lp", "forward", 1.0),
+    ("dysample-pl", "forward", 1.1),
+    *((name, "train", 1.5) for name in ("dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+")),
+    *((name, "train memory", 1.5) for name in ("dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+")),
+)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, shapes and curve points (~1 min)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement (7; quick 3)")
+    parser.add_argument("--min-block", type=float, default=None, help="seconds per timed block (0.1; quick 0.05)")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory measurements")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: docs/benchmarks (quick: a temp dir)")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-cases", default="[]", help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+    if arguments.rounds is None:
+        arguments.rounds = 3 if arguments.quick else 7
+    if arguments.min_block is None:
+        arguments.min_block = 0.05 if arguments.quick else 0.1
+    if arguments.output_dir is None:  # a quick run must not overwrite the published numbers
+        repository = Path(__file__).resolve().parents[1]
+        quick_dir = Path(tempfile.gettempdir()) / "yolo-dysample-bench"
+        arguments.output_dir = quick_dir if arguments.quick else repository / "docs" / "benchmarks"
+    return arguments
+
+
+class Case:
+    """One upsampler on one input shape, ready to run a forward or a training step."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], device: torch.device) -> None:
+        torch.manual_seed(0)
+        batch, channels, height, width = shape
+        self.name, self.shape = name, shape
+        self.module = build_upsampler(name, channels, SCALE).to(device)
+        self.x = torch.randn(shape, device=device)
+        self.x_train = self.x.clone().requires_grad_(True)
+        self.grad_output = torch.randn(batch, channels, SCALE * height, SCALE * width, device=device)
+
+    def forward(self) -> None:
+        with torch.no_grad():
+            self.module(self.x)
+
+    def train_step(self) -> None:
+        self.module(self.x_train).backward(self.grad_output)
+        self.x_train.grad = None
+        self.module.zero_grad(set_to_none=True)
+
+    def call(self, mode: str) -> Callable[[], None]:
+        return self.forward if mode == "forward" else self.train_step
+
+
+def measure_latency(
+    names: tuple[str, ...], shape: tuple[int, ...], arguments: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{mode: {name: {"ms": median, "ratio": median ratio to bilinear}}}`` for one shape."""
+    cases = {name: Case(name, shape, device) for name in names}
+    results = {}
+    for mode in MODES:
+        samples = interleaved_latency(
+            {name: case.call(mode) for name, case in cases.items()}, device, arguments.rounds, arguments.min_block
+        )
+        results[mode] = {
+            name: {"ms": median_ms(values), "ratio": median_ratio(values, samples[REFERENCE])}
+            for name, values in samples.items()
+        }
+    return results
+
+
+def memory_child(arguments: argparse.Namespace) -> None:
+    """Child process: peak memory of every requested (name, shape, mode); prints one JSON line."""
+    torch.set_num_threads(arguments.threads)
+    device = torch.device(arguments.device)
+    results = []
+    for name, shape, mode in json.loads(arguments.memory_cases):
+        case = Case(name, tuple(shape), device)
+        call = case.call(mode)
+        call()  # lazy initialisation (thread pools, kernels) is not part of the peak
+        results.append([name, shape, mode, peak_memory_bytes(call, device)])
+        del case, call
+    print(json.dumps(results))
+
+
+def measure_memory(
+    names: tuple[str, ...], shape: tuple[int, ...], arguments: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """``{mode: {name: MiB}}``: peak memory above the inputs (input, its gradient and the module excluded)."""
+    cases = [[name, list(shape), mode] for mode in MODES for name in names]
+    if device.type == "cuda":
+        results = []
+        for name, case_shape, mode in cases:
+            case = Case(name, tuple(case_shape), device)
+            case.call(mode)()
+            results.append([name, case_shape, mode, peak_memory_bytes(case.call(mode), device)])
+    else:
+        child_arguments = ["--threads", str(arguments.threads), "--device", "cpu", "--memory-cases", json.dumps(cases)]
+        results = run_memory_child(Path(__file__), child_arguments)
+    memory: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
+    for name, _, mode, peak in results:
+        memory[mode][name] = mebibytes(peak)
+    return memory
+
+
+def neck_shapes(imgsz: int = 640) -> dict[str, tuple[int, int, int, int]]:
+    """What the ``nn.Upsample`` layers of the stock YOLOv8n / YOLOv8s necks receive at ``imgsz``."""
+    from torch import nn
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    shapes = {}
+    for yaml_name in NECK_MODELS:
+        model = DetectionModel(yaml_model_load(yaml_name), verbose=False).eval()
+        label = Path(yaml_name).stem.replace("yolov", "YOLOv")
+        recorded = []
+        hooks = [
+            module.register_forward_pre_hook(lambda module, inputs: recorded.append(tuple(inputs[0].shape)))
+            for module in model.modules()
+            if isinstance(module, nn.Upsample)
+        ]
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+        for hook in hooks:
+            hook.remove()
+        for shape in recorded:
+            shapes[f"{label} {shape[1]}x{shape[2]}x{shape[3]}"] = shape
+    return shapes
+
+
+def paper_table(results: dict, memory: dict | None, static: dict) -> list[str]:
+    header = "| Upsampler | Params | GFLOPs | Forward (ms) | × bilinear | Fwd+bwd (ms) | × bilinear |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if memory:
+        header += " Peak mem, forward (MiB) | Peak mem, fwd+bwd (MiB) | × bilinear |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
+    for name in results["forward"]:
+        forward, train = results["forward"][name], results["train"][name]
+        row = (
+            f"| {name} | {static[name]['parameters']:,} | {static[name]['gflops']:.3f} "
+            f"| {forward['ms']:.2f} | {format_ratio(forward['ratio'])} "
+            f"| {train['ms']:.2f} | {format_ratio(train['ratio'])} |"
+        )
+        if memory:
+            reference = memory["train"][REFERENCE]
+            row += (
+                f" {memory['forward'][name]:.1f} | {memory['train'][name]:.1f} "
+                f"| {format_ratio(memory['train'][name] / reference)} |"
+            )
+        lines.append(row)
+    return lines
+
+
+def neck_table(neck: dict[str, dict]) -> list[str]:
+    labels = list(neck)
+    header = "| Upsampler | " + " | ".join(f"{label} fwd / fwd+bwd (ms)" for label in labels) + " |"
+    lines = [header, "|---|" + "---:|" * len(labels)]
+    for name in neck[labels[0]]["forward"]:
+        cells = []
+        for label in labels:
+            forward, train = neck[label]["forward"][name], neck[label]["train"][name]
+            cells.append(
+                f"{forward['ms']:.3f} ({format_ratio(forward['ratio'])}) / {train['ms']:.3f} "
+                f"({format_ratio(train['ratio'])})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_table(curve: dict[str, dict], axis_name: str) -> list[str]:
+    points = list(curve)
+    lines = [
+        f"| Upsampler (forward / fwd+bwd, × bilinear) | " + " | ".join(f"{axis_name} {p}" for p in points) + " |",
+        "|---|" + "---:|" * len(points),
+    ]
+    for name in curve[points[0]]["forward"]:
+        cells = [
+            f"{curve[p]['forward'][name]['ratio']:.2f} / {curve[p]['train'][name]['ratio']:.2f}" for p in points
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def target_lines(results: dict, memory: dict | None) -> list[str]:
+    lines = []
+    for name, what, limit in TARGETS:
+        if what == "train memory":
+            if not memory:
+                continue
+            ratio = memory["train"][name] / memory["train"][REFERENCE]
+        else:
+            ratio = results[what][name]["ratio"]
+        label = {"forward": "forward", "train": "forward+backward", "train memory": "peak fwd+bwd memory"}[what]
+        verdict = "met" if ratio <= limit else f"MISSED by {100 * (ratio / limit - 1):.0f}%"
+        lines.append(f"- {name} {label}: {ratio:.2f}x bilinear (target <= {limit:.1f}x): {verdict}")
+    return lines
+
+
+def plot(curves: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    axis_labels = {"size": "feature map H = W (batch 1, 256 channels)", "batch": "batch (128 x 40 x 40)"}
+    for column, (axis, curve) in enumerate(curves.items()):
+        points = list(curve)
+        for row, mode in enumerate(MODES):
+            ax = axes[row][column]
+            for name in curve[points[0]][mode]:
+                ratios = [curve[p][mode][name]["ratio"] for p in points]
+                style = "--" if name in ("nearest", "bilinear") else "-"
+                ax.plot(points, ratios, style, marker="o", label=name)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(points, [str(p) for p in points])
+            ax.set_xlabel(axis_labels[axis])
+            ax.set_ylabel(f"{'forward' if mode == 'forward' else 'forward+backward'} latency / bilinear")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = parse_arguments(argv)
+    if arguments.memory_child:
+        memory_child(arguments)
+        return
+    started = time.time()
+    torch.set_num_threads(arguments.threads)
+    device = torch.device(arguments.device)
+    machine = machine_summary(device, arguments.threads)
+    print("Machine and versions:")
+    for key, value in machine.items():
+        print(f"  {key}: {value}")
+    names = tuple(UPSAMPLERS)
+    quick = "quick" if arguments.quick else "full"
+
+    print(f"\n[1/3] paper setting {PAPER_SHAPE}, x{SCALE}", flush=True)
+    x = torch.randn(PAPER_SHAPE)
+    static = {}
+    for name in names:
+        module = build_upsampler(name, PAPER_SHAPE[1], SCALE).eval()
+        static[name] = {"parameters": parameter_count(module), "gflops": forward_flops(module, x) / 1e9}
+    paper = measure_latency(names, PAPER_SHAPE, arguments, device)
+    paper_memory = None if arguments.skip_memory else measure_memory(names, PAPER_SHAPE, arguments, device)
+    for line in paper_table(paper, paper_memory, static):
+        print(line)
+
+    print("\n[2/3] YOLOv8n / YOLOv8s neck shapes at 640", flush=True)
+    neck = {}
+    shapes = neck_shapes()
+    if arguments.quick:
+        shapes = dict(list(shapes.items())[:2])  # YOLOv8n only
+    for label, shape in shapes.items():
+        neck[label] = measure_latency(names, shape, arguments, device)
+        print(f"  {label} done", flush=True)
+    for line in neck_table(neck):
+        print(line)
+
+    print("\n[3/3] curves over feature-map size and batch", flush=True)
+    curves: dict[str, dict] = {"size": {}, "batch": {}}
+    for size in SIZE_CURVE[quick]:
+        curves["size"][size] = measure_latency(CURVE_UPSAMPLERS, (1, SIZE_CURVE_CHANNELS, size, size), arguments, device)
+    for batch in BATCH_CURVE[quick]:
+        curves["batch"][batch] = measure_latency(CURVE_UPSAMPLERS, (batch, *BATCH_CURVE_SHAPE), arguments, device)
+    for axis, curve in curves.items():
+        for line in curve_table(curve, axis):
+            print(line)
+
+    targets = target_lines(paper, paper_memory)
+    print("\nTargets (paper setting, ratios to bilinear in this run):")
+    for line in targets:
+        print(line)
+    elapsed = time.time() - started
+    command = "python scripts/bench_upsamplers.py" + (" --quick" if arguments.quick else "")
+    if arguments.threads != os.cpu_count():
+        command += f" --threads {arguments.threads}"
+    machine["load average at end (1/5/15 min)"] = load_average()
+    machine["run time"] = f"{elapsed:.0f} s"
+
+    arguments.output_dir.mkdir(parents=True, exist_ok=True)
+    title = f"Upsampler latency / bilinear, {machine['device']}, {arguments.threads} threads ({machine['cpu']})"
+    plot(curves, arguments.output_dir / "upsamplers.png", title)
+    report = [
+        "# Upsampler benchmark",
+        "",
+        f"Generated by `{command}` ({arguments.rounds} interleaved rounds, medians; ratios are medians of",
+        "per-round ratios to bilinear interpolation measured in the same round).",
+        "",
+        *(f"- {key}: {value}" for key, value in machine.items()),
+        "",
+        f"## Paper setting: {'x'.join(map(str, PAPER_SHAPE))}, x{SCALE}",
+        "",
+        *paper_table(paper, paper_memory, static),
+        "",
+        "GFLOPs: forward, 2 FLOPs per multiply-add, convolutions and matrix products as they run",
+        "(`torch.utils.flop_counter`) plus 4 multiply-adds per output value for every bilinear interpolation or",
+        "bilinear `grid_sample` (see `scripts/upsampler_baselines.py`). Peak memory: "
+        + ("CUDA max allocated" if device.type == "cuda" else "peak RSS")
+        + " above the inputs, for a forward without autograd and for forward + backward.",
+        "",
+        *targets,
+        "",
+        "## YOLOv8 neck shapes at 640 (batch 1): ms (× bilinear)",
+        "",
+        *neck_table(neck),
+        "",
+        "## Latency over feature-map size and batch (× bilinear)",
+        "",
+        *curve_table(curves["size"], "H=W"),
+        "",
+        *curve_table(curves["batch"], "batch"),
+        "",
+        "![latency ratio to bilinear](upsamplers.png)",
+        "",
+    ]
+    (arguments.output_dir / "upsamplers.md").write_text("\n".join(report))
+    raw = {
+        "command": command,
+        "machine": machine,
+        "paper": {"shape": PAPER_SHAPE, "latency": paper, "memory_mib": paper_memory, "static": static},
+        "neck": neck,
+        "curves": {axis: {str(point): value for point, value in curve.items()} for axis, curve in curves.items()},
+    }
+    (arguments.output_dir / "upsamplers.json").write_text(json.dumps(raw, indent=1))
+    print(f"\nwrote {arguments.output_dir}/upsamplers.md, .json, .png in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""End to end: the stock ``yolo`` command and the ``YOLO`` Python API on DySample models, offline.
+
+Each ``yolo`` call is a subprocess run from a temporary directory, with nothing imported by hand: the installed
+package's autoload hook is what makes ``model=yolov8n-dysample.yaml`` work. The expensive pieces (a tiny dataset, a
+checkpoint trained for one epoch by ``yolo train``) are session fixtures in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+IMAGE_SIZE = 128  # the tiny dataset's image size; every command below uses it
+
+
+def _dysample_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from yolo_dysample import DySample
+
+    return [module for module in model.modules() if isinstance(module, DySample)]
+
+
+def _asset_as_input(name: str) -> np.ndarray:
+    """A real image shipped with ultralytics, resized to (1, 3, IMAGE_SIZE, IMAGE_SIZE) float32 RGB in [0, 1]."""
+    import cv2
+    from ultralytics.utils import ASSETS
+
+    image = cv2.imread(str(ASSETS / name))[..., ::-1]  # BGR -> RGB
+    image = cv2.resize(image, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+
+
+def test_yolo_train_writes_a_checkpoint_with_dysample_layers(trained_checkpoint):
+    from ultralytics import YOLO
+
+    model = YOLO(str(trained_checkpoint))
+    layers = _dysample_layers(model.model)
+    assert len(layers) == 2  # both nn.Upsample rows of yolov8n are DySample
+    assert [layer.in_channels for layer in layers] == [256, 128]  # yolov8n widths, inferred by the parser
+    assert model.names == {0: "circle", 1: "triangle", 2: "square"}
+    with open(trained_checkpoint.parent.parent / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 1  # one epoch
+    assert all(float(rows[0][key]) > 0 for key in rows[0] if "loss" in key)  # losses were computed
+
+
+def test_yolo_val_reports_metrics(run_yolo, trained_checkpoint, tiny_shapes_dataset, tmp_path):
+    result = run_yolo(
+        "val",
+        f"model={trained_checkpoint}",
+        f"data={tiny_shapes_dataset}",
+        f"imgsz={IMAGE_SIZE}",
+        "batch=8",
+        "workers=0",
+        "plots=False",
+        "save_json=False",
+        f"project={tmp_path / 'runs'}",
+        "name=val",
+        cwd=tmp_path,
+    )
+    summary = [line.split() for line in result.stdout.splitlines() + result.stderr.splitlines()]
+    all_row = next(row for row in summary if row[:1] == ["all"])
+    images, instances = int(all_row[1]), int(all_row[2])
+    assert images == 8  # the tiny val split
+    assert instances >= 3 * 8  # at least 3 small objects per image
+    assert all(0.0 <= float(value) <= 1.0 for value in all_row[3:7])  # P, R, mAP50, mAP50-95
+
+
+def test_yolo_predict_on_the_images_ultralytics_ships(run_yolo, trained_checkpoint, tmp_path):
+    from ultralytics.utils import ASSETS
+
+    run_yolo(
+        "predict",
+        f"model={trained_checkpoint}",
+        f"source={ASSETS}",
+        f"imgsz={IMAGE_SIZE}",
+        "conf=0.001",
+        "save=True",
+        "save_txt=True",
+        f"project={tmp_path / 'runs'}",
+        "name=predict",
+        cwd=tmp_path,
+    )
+    saved = sorted(path.name for path in (tmp_path / "runs" / "predict").glob("*.jpg"))
+    assert saved == ["bus.jpg", "zidane.jpg"]
+
+
+def _make_dysample_matter(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Turn a barely trained model into one whose outputs depend on where DySample samples.
+
+    After one epoch from scratch, features shrink layer by layer (the BatchNorm statistics still are their
+    initial ones), so DySample's input is ~0.01 and its offsets ~0.001 px: any upsampler would give the same
+    outputs and a broken export would go unnoticed. Re-estimating the BatchNorm statistics on real images brings
+    the features to unit scale, as in a trained model; offset weights drawn for that scale move the sampling
+    points by about half a pixel (and the bias adds a fixed shift of the same size).
+    """
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for norm in norms:
+        norm.momentum = 0.03
+    model.eval()
+
+    inputs = {}
+    layers = _dysample_layers(model)
+    hooks = [layer.register_forward_hook(lambda module, args, _: inputs.update({module: args[0]})) for layer in layers]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:
+        feature_scale = inputs[layer].pow(2).mean().sqrt() * layer.in_channels**0.5  # rms of (w . x) per unit w
+        target = 0.5 / layer.offset_scale  # offsets O = offset_scale * (W x + b) of about 0.5 px
+        weight, bias = layer.offset.weight, layer.offset.bias
+        weight.data = torch.randn(weight.shape, generator=generator) * (target / feature_scale)
+        bias.data = torch.randn(bias.shape, generator=generator) * target
+
+
+@pytest.fixture(scope="module")
+def exported_onnx(run_yolo, trained_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """``yolo export format=onnx`` of a copy of the trained checkpoint in which DySample's offsets matter."""
+    work = tmp_path_factory.mktemp("onnx-export")
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    model = (checkpoint.get("ema") or checkpoint["model"]).float()
+    images = torch.from_numpy(np.concatenate([_asset_as_input(name) for name in ("bus.jpg", "zidane.jpg")]))
+    _make_dysample_matter(model, images)
+    checkpoint.update(model=model, ema=None)
+    strong_offsets = work / "strong-offsets.pt"
+    torch.save(checkpoint, strong_offsets)
+    run_yolo("export", f"model={strong_offsets}", "format=onnx", f"imgsz={IMAGE_SIZE}", cwd=work)
+    onnx_file = strong_offsets.with_suffix(".onnx")
+    assert onnx_file.is_file()
+    return strong_offsets, onnx_file
+
+
+def _onnx_and_pytorch_outputs(checkpoint: Path, onnx_file: Path, asset: str, zero_offsets: bool = False):
+    import onnxruntime
+    from ultralytics import YOLO
+
+    pytorch_model = YOLO(str(checkpoint)).model.float().eval()
+    if zero_offsets:
+        for layer in _dysample_layers(pytorch_model):
+            torch.nn.init.zeros_(layer.offset.weight)
+            torch.nn.init.zeros_(layer.offset.bias)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    image = _asset_as_input(asset)
+    (onnx_output,) = session.run(None, {session.get_inputs()[0].name: image})
+    with torch.no_grad():
+        pytorch_output = pytorch_model(torch.from_numpy(image))[0].numpy()
+    return onnx_output, pytorch_output
+
+
+def test_yolo_export_onnx_matches_pytorch(exported_onnx):
+    import onnx
+
+    checkpoint, onnx_file = exported_onnx
+    graph = onnx.load(str(onnx_file)).graph
+    assert sum(node.op_type == "GridSample" for node in graph.node) == 2  # DySample, exported as itself
+    for asset in ("bus.jpg", "zidane.jpg"):
+        onnx_output, pytorch_output = _onnx_and_pytorch_outputs(checkpoint, onnx_file, asset)
+        anchors = sum((IMAGE_SIZE // stride) ** 2 for stride in (8, 16, 32))
+        assert onnx_output.shape == pytorch_output.shape == (1, 4 + 3, anchors)  # xywh + 3 class scores
+        np.testing.assert_allclose(onnx_output[:, :4], pytorch_output[:, :4], rtol=1e-4, atol=1e-3)  # pixels
+        np.testing.assert_allclose(onnx_output[:, 4:], pytorch_output[:, 4:], rtol=1e-4, atol=1e-5)  # scores
+
+
+def test_the_onnx_comparison_notices_where_dysample_samples(exported_onnx):
+    """The comparison above can fail: the same model sampling at the bilinear points misses its tolerance."""
+    checkpoint, onnx_file = exported_onnx
+    onnx_output, bilinear_output = _onnx_and_pytorch_outputs(checkpoint, onnx_file, "bus.jpg", zero_offsets=True)
+    assert np.abs(onnx_output[:, :4] - bilinear_output[:, :4]).max() > 100 * 1e-3
+    assert np.abs(onnx_output[:, 4:] - bilinear_output[:, 4:]).max() > 100 * 1e-5
+
+
+def test_yolo_predict_runs_the_onnx_file(run_yolo, exported_onnx, tmp_path):
+    from ultralytics.utils import ASSETS
+
+    _, onnx_file = exported_onnx
+    run_yolo(
+        "predict",
+        f"model={onnx_file}",
+        f"source={ASSETS / 'bus.jpg'}",
+        f"imgsz={IMAGE_SIZE}",
+        "save=True",
+        f"project={tmp_path / 'runs'}",
+        "name=predict-onnx",
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "runs" / "predict-onnx" / "bus.jpg").is_file()
+
+
+def test_python_api_trains_validates_and_predicts(tiny_shapes_dataset, tmp_path, monkeypatch):
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    monkeypatch.chdir(tmp_path)
+    model = YOLO("yolov8n-dysample.yaml")
+    assert len(_dysample_layers(model.model)) == 2
+    model.train(
+        data=str(tiny_shapes_dataset),
+        epochs=1,
+        imgsz=IMAGE_SIZE,
+        batch=8,
+        workers=0,
+        device="cpu",
+        plots=False,
+        project=str(tmp_path / "runs"),
+        name="api",
+    )
+    best = tmp_path / "runs" / "api" / "weights" / "best.pt"
+    assert best.is_file()
+
+    metrics = model.val(data=str(tiny_shapes_dataset), imgsz=IMAGE_SIZE, batch=8, workers=0, plots=False)
+    assert 0.0 <= metrics.box.map50 <= 1.0
+    assert len(metrics.box.ap_class_index) >= 1  # classes with ground truth were scored
+
+    results = model.predict(str(ASSETS / "bus.jpg"), imgsz=IMAGE_SIZE, conf=0.001, verbose=False)
+    assert len(results) == 1
+    assert results[0].orig_shape == (1080, 810)
+    assert results[0].boxes.data.shape[1] == 6  # x1, y1, x2, y2, confidence, class
+    assert len(_dysample_layers(YOLO(str(best)).model)) == 2

@@ -1,0 +1,590 @@
+"""Tests of the DySample module against an independent numpy reference and the paper's numbers.
+
+The reference (``tests/dysample_reference.py``) is written from the equations in float64 with no
+``torch``; the tiny cases below are worked out by hand in the comments. CUDA cases run only where
+a CUDA device is available (they are skipped on CPU-only machines, which includes our CI).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dysample_reference import ReferenceWeights, authors_init_pos, clamped_fraction, dysample_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from yolo_dysample import DySample
+
+VARIANTS = [  # (style, dyscope): the paper's DySample, DySample+, DySample-S, DySample-S+
+    pytest.param("lp", False, id="lp"),
+    pytest.param("lp", True, id="lp+"),
+    pytest.param("pl", False, id="pl"),
+    pytest.param("pl", True, id="pl+"),
+]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA cases run only where a CUDA device is available")
+
+
+def smallest_channels(scale: int, style: str, groups: int, multiple: int = 1) -> int:
+    """A channel count valid for the configuration: groups divide it (PL: groups divide C / s^2)."""
+    return groups * (scale * scale if style == "pl" else 1) * multiple
+
+
+def randomise(module: DySample, seed: int, offset_pixels: float = 3.0) -> ReferenceWeights:
+    """Give ``module`` random weights whose offsets are about ``offset_pixels`` input pixels.
+
+    Returns the same weights in numpy for the reference. Inputs are expected to be ~N(0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    conv_out, conv_in = module.offset.weight.shape[:2]
+    # O = 0.25 * conv(X) (static) or up to 0.5 * conv(X) (dynamic): conv std 4 * offset_pixels
+    offset_std = 4.0 * offset_pixels
+    weights = ReferenceWeights(
+        offset_weight=rng.normal(0.0, offset_std / math.sqrt(conv_in), (conv_out, conv_in, 1, 1)),
+        offset_bias=rng.normal(0.0, offset_std / 2, conv_out),
+    )
+    if module.dyscope:
+        weights.scope_weight = rng.normal(0.0, 2.0 / math.sqrt(conv_in), (conv_out, conv_in, 1, 1))
+        weights.scope_bias = rng.normal(0.0, 1.0, conv_out)
+    load_weights(module, weights)
+    return weights
+
+
+def load_weights(module: DySample, weights: ReferenceWeights) -> None:
+    """Copy numpy weights into ``module`` (any dtype / device)."""
+    with torch.no_grad():
+        module.offset.weight.copy_(torch.from_numpy(weights.offset_weight))
+        module.offset.bias.copy_(torch.from_numpy(weights.offset_bias))
+        if weights.scope_weight is not None:
+            module.scope.weight.copy_(torch.from_numpy(weights.scope_weight))
+            module.scope.bias.copy_(torch.from_numpy(weights.scope_bias))
+
+
+def weights_of(module: DySample) -> ReferenceWeights:
+    """The weights ``module`` holds now, as float64 numpy arrays."""
+
+    def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().double().cpu().numpy()
+
+    weights = ReferenceWeights(as_numpy(module.offset.weight), as_numpy(module.offset.bias))
+    if module.scope is not None:
+        weights.scope_weight, weights.scope_bias = as_numpy(module.scope.weight), as_numpy(module.scope.bias)
+    return weights
+
+
+def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A float64 ~N(0, 1) input, reproducible from ``seed``."""
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=shape))
+
+
+def run_module(module: DySample, x: torch.Tensor) -> np.ndarray:
+    """Forward without autograd, back to numpy float64."""
+    with torch.no_grad():
+        return module(x).double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Against the independent reference
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_module_matches_reference_with_offsets_of_several_pixels(style, dyscope, scale, groups):
+    channels = smallest_channels(scale, style, groups, multiple=2)
+    module = DySample(channels, scale=scale, style=style, groups=groups, dyscope=dyscope).double()
+    seed = 1000 * scale + 10 * groups + 2 * (style == "pl") + dyscope
+    weights = randomise(module, seed, offset_pixels=3.0)
+    x = random_input((2, channels, 5, 6), seed)
+    expected = dysample_reference(x.numpy(), weights, scale, style, groups)
+    # the random offsets are large enough that many points leave the map and get clamped
+    assert clamped_fraction(x.numpy(), weights, scale, style) > 0.1
+    # ... and the output is far from plain bilinear interpolation, so real sampling is compared
+    bilinear = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False).numpy()
+    assert np.abs(expected - bilinear).max() > 0.5
+    # float64 throughout, yet init_pos is a float32 buffer (the authors' checkpoint layout): at s=3
+    # its thirds are rounded to ~1e-8 pixels, hence 1e-6 rather than 1e-12; any real error is >= 1e-2
+    np.testing.assert_allclose(run_module(module, x), expected, rtol=0, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    scale=st.integers(2, 4),
+    groups=st.integers(1, 4),
+    multiple=st.integers(1, 3),
+    style=st.sampled_from(["lp", "pl"]),
+    dyscope=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_module_matches_reference_for_any_shape_and_groups(
+    batch, height, width, scale, groups, multiple, style, dyscope, seed
+):
+    channels = smallest_channels(scale, style, groups, multiple)
+    module = DySample(channels, scale=scale, style=style, groups=groups, dyscope=dyscope).double()
+    weights = randomise(module, seed, offset_pixels=1.5)
+    x = random_input((batch, channels, height, width), seed + 1)
+    out = run_module(module, x)
+    assert out.shape == (batch, channels, scale * height, scale * width)
+    np.testing.assert_allclose(out, dysample_reference(x.numpy(), weights, scale, style, groups), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny cases worked out by hand
+
+
+def test_lp_groups_shift_their_own_channels_by_hand():
+    # LP, s=2, two groups of one channel, input 1x3 = [0, 10, 20] in both channels.
+    # The conv weights are zero; the biases give constant offsets. LP channel (axis, group, sub-pixel):
+    # x-offsets of group 0 are channels 0..3, of group 1 channels 4..7; y-offsets are 8..15.
+    # bias 4 -> O = 0.25 * 4 = +1 pixel for group 0, bias -4 -> -1 pixel for group 1.
+    module = DySample(2, scale=2, style="lp", groups=2).double()
+    with torch.no_grad():
+        module.offset.weight.zero_()
+        module.offset.bias.copy_(torch.tensor([4.0] * 4 + [-4.0] * 4 + [0.0] * 8))
+    x = torch.tensor([[[[0.0, 10.0, 20.0]], [[0.0, 10.0, 20.0]]]], dtype=torch.float64)
+    # output column X samples input index u = (X + 0.5) / 2 - 0.5 + O, clamped to [0, 2]:
+    # group 0 (O=+1): u = 0.75, 1.25, 1.75, 2.25->2, 2.75->2, 3.25->2 -> 7.5, 12.5, 17.5, 20, 20, 20
+    # group 1 (O=-1): u = -1.25->0, -0.75->0, -0.25->0, 0.25, 0.75, 1.25 -> 0, 0, 0, 2.5, 7.5, 12.5
+    # (one input row: both output rows are the same)
+    group_0 = [7.5, 12.5, 17.5, 20.0, 20.0, 20.0]
+    group_1 = [0.0, 0.0, 0.0, 2.5, 7.5, 12.5]
+    expected = np.array([[[group_0, group_0], [group_1, group_1]]])
+    np.testing.assert_allclose(run_module(module, x), expected, atol=1e-12)
+
+
+def test_dynamic_scope_moves_points_along_y_by_hand():
+    # LP+, s=2, one group, input 4x1 = column [0, 10, 20, 30]. y-offset channels are 4..7.
+    # offset bias 4, scope bias ln 3 -> sigmoid = 3/4 -> O_y = 0.5 * 3/4 * 4 = 1.5 pixels down.
+    module = DySample(1, scale=2, style="lp", groups=1, dyscope=True).double()
+    with torch.no_grad():
+        module.offset.weight.zero_()
+        module.offset.bias.copy_(torch.tensor([0.0] * 4 + [4.0] * 4))
+        module.scope.weight.zero_()
+        module.scope.bias.fill_(math.log(3.0))
+    x = torch.tensor([0.0, 10.0, 20.0, 30.0], dtype=torch.float64).reshape(1, 1, 4, 1)
+    # output row Y samples v = (Y + 0.5) / 2 - 0.5 + 1.5 = Y / 2 + 1.25, clamped to [0, 3]:
+    # 1.25, 1.75, 2.25, 2.75, 3.25->3, ... -> 12.5, 17.5, 22.5, 27.5, 30, 30, 30, 30
+    column = [12.5, 17.5, 22.5, 27.5, 30.0, 30.0, 30.0, 30.0]
+    expected = np.array(column)[None, None, :, None].repeat(2, axis=3)
+    np.testing.assert_allclose(run_module(module, x), expected, atol=1e-12)
+
+
+def test_pl_offsets_come_from_the_pixel_shuffled_input_by_hand():
+    # PL, s=2, C=4, one group, input 1x2. pixel_shuffle puts channel 2i+j of input pixel w at
+    # output pixel (i, 2w+j). The conv (1 -> 2 channels) has x-weight 4, so O_x = 0.25 * 4 * value:
+    # each output pixel moves right by the shuffled input value there; O_y = 0.
+    #   channels (c: [w=0, w=1]): c0 = [0, 1], c1 = [1, 0], c2 = [0.5, 0], c3 = [0, 0]
+    #   shuffled map (2 x 4):  row 0 = [c0[0], c1[0], c0[1], c1[1]] = [0, 1, 1, 0]
+    #                          row 1 = [c2[0], c3[0], c2[1], c3[1]] = [0.5, 0, 0, 0]
+    # bilinear base index u = (X + 0.5) / 2 - 0.5 = [-0.25, 0.25, 0.75, 1.25]; add O_x, clamp [0, 1]:
+    #   row 0: [-0.25, 1.25, 1.75, 1.25] -> [0, 1, 1, 1];  row 1: [0.25, 0.25, 0.75, 1.25] -> [.25, .25, .75, 1]
+    # with two columns, the value is c[0] * (1 - u) + c[1] * u:
+    module = DySample(4, scale=2, style="pl", groups=1).double()
+    with torch.no_grad():
+        module.offset.weight.copy_(torch.tensor([4.0, 0.0], dtype=torch.float64).reshape(2, 1, 1, 1))
+        module.offset.bias.zero_()
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.0], [0.0, 0.0]], dtype=torch.float64).reshape(1, 4, 1, 2)
+    u = np.array([[0.0, 1.0, 1.0, 1.0], [0.25, 0.25, 0.75, 1.0]])
+    expected = np.stack([u, 1 - u, 0.5 * (1 - u), 0 * u])[None]  # c0 = u, c1 = 1-u, c2 = 0.5(1-u), c3 = 0
+    np.testing.assert_allclose(run_module(module, x), expected, atol=1e-12)
+
+
+def test_scale_three_samples_at_bilinear_positions_by_hand():
+    # s=3, zero offsets, input 1x2 = [0, 30]: u = (X + 0.5) / 3 - 0.5 = -1/3, 0, 1/3, 2/3, 1, 4/3,
+    # clamped to [0, 1] -> 0, 0, 10, 20, 30, 30 in each of the three output rows.
+    module = DySample(1, scale=3, style="lp", groups=1).double()
+    with torch.no_grad():
+        module.offset.weight.zero_()
+    x = torch.tensor([0.0, 30.0], dtype=torch.float64).reshape(1, 1, 1, 2)
+    expected = np.array([[0.0, 0.0, 10.0, 20.0, 30.0, 30.0]] * 3)[None, None]
+    np.testing.assert_allclose(run_module(module, x), expected, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation: zero offsets are bilinear interpolation
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (4, 9)], ids=lambda size: f"{size[0]}x{size[1]}")
+def test_zero_offsets_equal_bilinear_interpolation(style, dyscope, scale, size):
+    channels = smallest_channels(scale, style, groups=2, multiple=2)
+    module = DySample(channels, scale=scale, style=style, groups=2, dyscope=dyscope)
+    randomise(module, seed=scale)  # a random scope must not matter once the offsets are zero
+    with torch.no_grad():
+        module.offset.weight.zero_()
+        module.offset.bias.zero_()
+    x = torch.randn(3, channels, *size)
+    expected = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_initialisation_follows_the_paper(style, dyscope):
+    torch.manual_seed(0)
+    module = DySample(256, scale=2, style=style, groups=4, dyscope=dyscope)
+    # offset conv weights ~ N(0, 0.001), bias 0; scope conv all zeros
+    assert module.offset.weight.std().item() == pytest.approx(0.001, rel=0.15)
+    assert module.offset.weight.mean().abs().item() < 2e-4
+    assert torch.count_nonzero(module.offset.bias) == 0
+    if dyscope:
+        assert torch.count_nonzero(module.scope.weight) == 0
+        assert torch.count_nonzero(module.scope.bias) == 0
+    else:
+        assert module.scope is None
+    # so a fresh DySample is bilinear interpolation up to offsets of ~1e-3 pixels
+    x = torch.randn(2, 256, 6, 5)
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    difference = (module(x) - bilinear).abs().max().item()
+    assert 0 < difference < 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints in the authors' layout and parameter counts
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_authors_state_dict_loads_strictly_and_gives_the_same_output(style, dyscope, scale):
+    groups, channels = 2, smallest_channels(scale, style, 2, multiple=2)
+    # the authors' layout, written out: LP conv C -> 2 g s^2, PL conv C / s^2 -> 2 g, 1x1 kernels
+    conv_in, conv_out = (channels // scale**2, 2 * groups) if style == "pl" else (channels, 2 * groups * scale**2)
+    rng = np.random.default_rng(7)
+    checkpoint = {
+        "offset.weight": rng.normal(0, 2.0 / math.sqrt(conv_in), (conv_out, conv_in, 1, 1)),
+        "offset.bias": rng.normal(0, 1.0, conv_out),
+        "init_pos": authors_init_pos(scale, groups),
+    }
+    if dyscope:
+        checkpoint["scope.weight"] = rng.normal(0, 1.0 / math.sqrt(conv_in), (conv_out, conv_in, 1, 1))
+        checkpoint["scope.bias"] = rng.normal(0, 1.0, conv_out)
+    module = DySample(channels, scale=scale, style=style, groups=groups, dyscope=dyscope)
+    assert set(module.state_dict()) == set(checkpoint)
+    # a fresh module already holds the authors' init_pos (so their layout is also our meaning of it)
+    np.testing.assert_array_equal(module.init_pos.numpy(), checkpoint["init_pos"])
+
+    module.load_state_dict({key: torch.from_numpy(value).float() for key, value in checkpoint.items()}, strict=True)
+    x = random_input((2, channels, 4, 5), seed=3)
+    weights = ReferenceWeights(
+        checkpoint["offset.weight"],
+        checkpoint["offset.bias"],
+        checkpoint.get("scope.weight"),
+        checkpoint.get("scope.bias"),
+    )
+    expected = dysample_reference(x.numpy(), weights, scale, style, groups)
+    np.testing.assert_allclose(run_module(module, x.float()), expected, rtol=0, atol=1e-4)
+
+
+def test_state_dict_of_the_other_scope_fails_strict_loading():
+    static = DySample(16, dyscope=False).state_dict()
+    with pytest.raises(RuntimeError, match="scope"):
+        DySample(16, dyscope=True).load_state_dict(static, strict=True)
+
+
+def test_parameter_counts_match_the_papers_table():
+    # Authors' tables: on a 256-channel map with s=2, g=4, four upsamplers add 32.7K (DySample)
+    # and 65.5K (DySample+) weights. LP conv: C x 2 g s^2 = 256 x 32 weights, + 32 biases; "+" doubles.
+    channels, scale, groups, upsamplers = 256, 2, 4, 4
+    offset_outputs = 2 * groups * scale**2
+    static = DySample(channels, scale=scale, groups=groups, dyscope=False)
+    dynamic = DySample(channels, scale=scale, groups=groups, dyscope=True)
+
+    def weights_of(module: DySample) -> int:
+        return sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
+
+    assert weights_of(static) == channels * offset_outputs == 256 * 32
+    assert weights_of(dynamic) == 2 * channels * offset_outputs
+    assert sum(p.numel() for p in static.parameters()) == 256 * 32 + 32  # init_pos is a buffer, not a parameter
+    assert sum(p.numel() for p in dynamic.parameters()) == 2 * (256 * 32 + 32)
+    assert upsamplers * weights_of(static) == 32768
+    assert upsamplers * weights_of(dynamic) == 65536
+    # the paper prints these in thousands cut to one decimal: 32.768 -> 32.7K, 65.536 -> 65.5K
+    assert math.floor(upsamplers * weights_of(static) / 100) / 10 == 32.7
+    assert math.floor(upsamplers * weights_of(dynamic) / 100) / 10 == 65.5
+    # PL ("-S") runs its conv on C / s^2 channels with 2 g outputs: s^4 = 16 times fewer weights
+    pl = DySample(channels, scale=scale, style="pl", groups=groups)
+    assert weights_of(pl) == (channels // scale**2) * 2 * groups == weights_of(static) // 16
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and input errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message_parts"),
+    [
+        (dict(in_channels=64, groups=3), ["groups=3", "in_channels=64"]),
+        (dict(in_channels=6, groups=4), ["groups=4", "in_channels=6"]),
+        (dict(in_channels=18, style="pl", groups=2), ["in_channels=18", "scale**2=4"]),
+        (dict(in_channels=30, scale=3, style="pl", groups=2), ["in_channels=30", "scale**2=9"]),
+        (dict(in_channels=16, style="pl", groups=8), ["groups=8", "in_channels / scale**2 = 4"]),
+        (dict(in_channels=64, style="lpp"), ["style='lpp'", "'lp'", "'pl'"]),
+        (dict(in_channels=64, style=None), ["style=None"]),
+        (dict(in_channels=64, scale=1), ["scale=1", ">= 2"]),
+        (dict(in_channels=64, scale=0), ["scale=0", ">= 2"]),
+        (dict(in_channels=64, scale=-2), ["scale=-2", ">= 2"]),
+        (dict(in_channels=64, scale=2.5), ["scale=2.5", "whole number"]),
+        (dict(in_channels=64, scale="2"), ["scale='2'", "whole number"]),
+        (dict(in_channels=64, scale=True), ["scale=True", "whole number"]),
+        (dict(in_channels=64, scale=float("inf")), ["scale=inf", "whole number"]),
+        (dict(in_channels=64, scale=float("nan")), ["scale=nan", "whole number"]),
+        (dict(in_channels=0), ["in_channels=0"]),
+        (dict(in_channels=64.5), ["in_channels=64.5"]),
+        (dict(in_channels=64, groups=0), ["groups=0"]),
+        (dict(in_channels=64, dyscope="yes"), ["dyscope='yes'"]),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+def test_invalid_configuration_raises_value_error_naming_the_argument(kwargs, message_parts):
+    with pytest.raises(ValueError) as error:
+        DySample(**kwargs)
+    for part in message_parts:
+        assert part in str(error.value)
+
+
+def test_whole_number_floats_and_upper_case_style_are_accepted():
+    module = DySample(16.0, scale=2.0, style="PL", groups=np.int64(2))
+    assert (module.in_channels, module.scale, module.style, module.groups) == (16, 2, "pl", 2)
+    assert isinstance(module.scale, int)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(16, 5, 5), (1, 1, 16, 5, 5), (2, 8, 5, 5), (2, 32, 5, 5), (16,)],
+    ids=["3d", "5d", "too-few-channels", "too-many-channels", "1d"],
+)
+def test_wrong_input_raises_a_clear_error(shape):
+    module = DySample(16)
+    with pytest.raises(
+        ValueError, match=r"expects input of shape \(B, 16, H, W\), got \[" + ", ".join(map(str, shape))
+    ):
+        module(torch.randn(shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes, layouts, autocast, devices
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    # half types also build the sampling grid in their own precision (as the authors' code does):
+    # bfloat16 places points on a ~1/16-pixel lattice at these sizes, errors ~0.1 on N(0, 1) data
+    [(torch.float64, 1e-9), (torch.float32, 2e-5), (torch.float16, 3e-2), (torch.bfloat16, 0.25)],
+    ids=["float64", "float32", "float16", "bfloat16"],
+)
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_every_float_dtype_matches_the_reference(style, dyscope, dtype, tolerance):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).to(dtype)
+    randomise(module, seed=11, offset_pixels=1.0)
+    x = random_input((2, 16, 6, 7), seed=12).to(dtype)
+    out = module(x)
+    assert out.dtype == dtype
+    # the reference gets the weights and input as rounded to ``dtype``: what is left is the arithmetic
+    expected = dysample_reference(x.double().numpy(), weights_of(module), 2, style, 2)
+    error = np.abs(out.detach().double().numpy() - expected).max()
+    assert error < tolerance, f"max error {error} for {dtype}"
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_autocast_matches_the_reference(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope)
+    weights = randomise(module, seed=21, offset_pixels=1.0)
+    x = random_input((2, 16, 6, 7), seed=22).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype in (torch.float32, torch.bfloat16)
+    expected = dysample_reference(x.double().numpy(), weights, 2, style, 2)
+    assert np.abs(out.detach().double().numpy() - expected).max() < 0.15
+
+
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` in a strided view (every other column of a wider tensor)."""
+    wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["channels_last", "non_contiguous", "transposed", "module_channels_last"],
+)
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_memory_layouts_give_the_contiguous_result(style, dyscope, layout):
+    module = DySample(16, scale=2, style=style, groups=4, dyscope=dyscope)
+    randomise(module, seed=31, offset_pixels=2.0)
+    x = torch.randn(2, 16, 5, 7)
+    expected = module(x)
+    if layout == "channels_last":
+        other = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "non_contiguous":
+        other = non_contiguous(x)
+    elif layout == "transposed":  # H and W swapped in memory
+        other = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        module = module.to(memory_format=torch.channels_last)
+        other = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(module(other), expected, rtol=0, atol=1e-5)
+
+
+def test_forward_builds_nothing_on_the_host():
+    # on the meta device any CPU tensor built in forward (a grid, a normaliser) would fail to combine
+    module = DySample(18, scale=3, style="pl", groups=2, dyscope=True).to("meta")
+    assert module(torch.empty(2, 18, 7, 5, device="meta")).shape == (2, 18, 21, 15)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_cuda_matches_the_reference(style, dyscope, dtype):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).to("cuda", dtype)
+    randomise(module, seed=41, offset_pixels=1.0)
+    x = random_input((2, 16, 6, 7), seed=42).to(dtype)
+    out = module(x.cuda().contiguous(memory_format=torch.channels_last))
+    assert out.device.type == "cuda" and out.dtype == dtype
+    expected = dysample_reference(x.double().numpy(), weights_of(module), 2, style, 2)
+    tolerance = {torch.float32: 2e-5, torch.float16: 3e-2, torch.bfloat16: 0.25}[dtype]
+    assert np.abs(out.double().cpu().detach().numpy() - expected).max() < tolerance
+
+
+@CUDA
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_cuda_autocast_and_backward(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope)
+    weights = randomise(module, seed=51, offset_pixels=1.0)
+    module = module.cuda()
+    x = random_input((2, 16, 6, 7), seed=52).float()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = module(x.cuda())
+    expected = dysample_reference(x.double().numpy(), weights, 2, style, 2)
+    assert np.abs(out.double().cpu().detach().numpy() - expected).max() < 5e-2
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_gradcheck_through_input_and_every_parameter(style, dyscope):
+    module = DySample(4, scale=2, style=style, groups=1, dyscope=dyscope).double()
+    randomise(module, seed=61, offset_pixels=0.7)
+    names = [name for name, _ in module.named_parameters()]
+    parameters = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
+    x = random_input((1, 4, 3, 2), seed=62).requires_grad_(True)
+
+    def forward(x, *parameter_values):
+        return torch.func.functional_call(module, dict(zip(names, parameter_values, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(forward, (x, *parameters), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_gradients_reach_every_parameter_from_the_paper_initialisation(style, dyscope):
+    torch.manual_seed(0)
+    module = DySample(16, scale=2, style=style, groups=4, dyscope=dyscope)
+    module(torch.randn(2, 16, 5, 6)).square().sum().backward()
+    expected = {"offset.weight", "offset.bias"} | ({"scope.weight", "scope.bias"} if dyscope else set())
+    assert {name for name, _ in module.named_parameters()} == expected
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.count_nonzero(parameter.grad) > 0, name
+    assert not module.init_pos.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript, trace, compile, export: one graph for every resolution
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")  # torch >= 2.9 deprecates jit
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_traced_module_stays_correct_at_other_resolutions(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=4, dyscope=dyscope).eval()
+    randomise(module, seed=71, offset_pixels=2.0)
+    traced = torch.jit.trace(module, torch.randn(1, 16, 6, 8))
+    for shape in [(3, 16, 11, 5), (2, 16, 1, 1), (1, 16, 4, 13)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(traced(x), module(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_scripted_module_matches_eager(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).eval()
+    randomise(module, seed=81, offset_pixels=2.0)
+    scripted = torch.jit.script(module)
+    for shape in [(2, 16, 5, 7), (1, 16, 1, 3)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(scripted(x), module(x), rtol=0, atol=1e-5)
+    with pytest.raises(Exception, match="expects input of shape"):
+        scripted(torch.randn(1, 8, 4, 4))
+
+
+def test_torch_export_with_dynamic_batch_and_resolution():
+    from torch.export import Dim, export
+
+    for style in ("lp", "pl"):
+        module = DySample(16, scale=2, style=style, groups=2, dyscope=True).eval()
+        randomise(module, seed=91, offset_pixels=2.0)
+        dynamic_shapes = {"x": {0: Dim("batch", max=64), 2: Dim("height", max=2048), 3: Dim("width", max=2048)}}
+        exported = export(module, (torch.randn(2, 16, 6, 8),), dynamic_shapes=dynamic_shapes).module()
+        for shape in [(1, 16, 9, 5), (4, 16, 3, 12), (2, 16, 6, 8)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(exported(x), module(x), rtol=0, atol=1e-5)
+
+
+def test_torch_compile_captures_one_full_graph_for_every_resolution_and_trains():
+    # Dynamo must capture forward in one graph (fullgraph) that serves every resolution (dynamic),
+    # and AOTAutograd must derive its backward. The graphs then run through the "aot_eager"
+    # backend: inductor's code generation is torch's own and costs ~1 minute cold on CPU, too
+    # slow for this file's budget.
+    import torch._dynamo
+
+    captured_graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        captured_graphs.append(graph_module)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    module = DySample(16, scale=2, style="pl", groups=2, dyscope=True)
+    randomise(module, seed=101, offset_pixels=2.0)
+    compiled = torch.compile(module, backend=recording_backend, fullgraph=True, dynamic=True)
+    # batch >= 2: torch specialises sizes 0 and 1, so a batch of 1 would be a (torch's) recompile
+    for shape in [(2, 16, 5, 7), (3, 16, 9, 4), (2, 16, 6, 6)]:
+        x = torch.randn(shape)
+        module.zero_grad()
+        expected = module(x)
+        expected.square().sum().backward()
+        expected_gradients = [p.grad.clone() for p in module.parameters()]
+        module.zero_grad()
+        out = compiled(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+        for parameter, expected_gradient in zip(module.parameters(), expected_gradients, strict=True):
+            torch.testing.assert_close(parameter.grad, expected_gradient, rtol=1e-4, atol=1e-4)
+    assert len(captured_graphs) == 1, "a new resolution must not recompile"
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# API surface
+
+
+def test_constructor_signature_and_repr():
+    parameters = inspect.signature(DySample).parameters
+    assert list(parameters) == ["in_channels", "scale", "style", "groups", "dyscope"]
+    assert [parameters[name].default for name in ("scale", "style", "groups", "dyscope")] == [2, "lp", 4, False]
+    assert all(parameter.annotation is not inspect.Parameter.empty for parameter in parameters.values())
+    text = repr(DySample(36, scale=3, style="pl", groups=2, dyscope=True))
+    assert "in_channels=36, scale=3, style='pl', groups=2, dyscope=True" in text
+    assert DySample.__doc__ and DySample.forward.__doc__
