@@ -36,7 +36,7 @@ def install_if_enabled() -> None:
 def install() -> None:
     """Register DySample with Ultralytics now if ``ultralytics.nn.tasks`` is loaded, else right after its import.
 
-    Idempotent: a second call (from either copy of this module) adds no second hook.
+    Idempotent: calling it again adds no second hook.
     """
     tasks = sys.modules.get(TARGET_MODULE)
     if tasks is None:
@@ -92,6 +92,8 @@ class _RegisteringLoader:
         self.loader = loader
 
     def __getattr__(self, name):
+        if name == "loader":  # not set yet (e.g. during copy): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def create_module(self, spec):

@@ -4,6 +4,13 @@ Timing: candidates run in interleaved rounds (each round times every candidate o
 order), so load from other processes hits all candidates alike; a candidate's latency is the median
 over rounds and a ratio is the median of the per-round ratios.
 
+Allocator: on Linux the timing process runs with glibc malloc told to keep freed memory
+(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` 16 GiB), as a caching allocator (PyTorch's CUDA
+allocator, jemalloc, tcmalloc) would. With glibc's defaults every block above 32 MiB is a fresh
+``mmap`` that is page-faulted in on first touch: on the development VM that costs more than a
+bilinear upsampling of the paper's 1 x 256 x 120 x 120 map itself, the same for every upsampler,
+and it swamps what the benchmark is after. ``--system-allocator`` measures with the defaults.
+
 Peak memory on CPU is the peak resident set size (``VmHWM``) above the resident size just before the
 measured call, read in a child process started with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so
 that glibc returns every large tensor to the OS when it is freed (otherwise freed blocks stay in the
@@ -37,9 +44,11 @@ __all__ = [
     "median_ratio",
     "peak_memory_bytes",
     "run_memory_child",
+    "use_reusing_allocator",
 ]
 
 MEMORY_CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large allocations: mmap'd, unmapped on free
+TIMING_ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}  # keep freed memory
 MEBIBYTE = 1 << 20
 
 
@@ -127,9 +136,23 @@ def peak_memory_bytes(function: Callable[[], object], device: torch.device) -> i
     return max(0, _resident_bytes("VmHWM:") - before)
 
 
+def use_reusing_allocator() -> bool:
+    """Re-run this process with :data:`TIMING_ALLOCATOR_ENVIRONMENT` (Linux); True if it is in effect.
+
+    Call first thing in ``main``: ``os.execve`` replaces the process, so nothing before it survives.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if all(os.environ.get(key) == value for key, value in TIMING_ALLOCATOR_ENVIRONMENT.items()):
+        return True
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TIMING_ALLOCATOR_ENVIRONMENT})
+    return True  # not reached
+
+
 def run_memory_child(script: Path, arguments: list[str], timeout: float = 900) -> dict:
     """Run ``script --memory-child ...`` in a fresh process and return the JSON it prints last."""
-    environment = {**os.environ, **MEMORY_CHILD_ENVIRONMENT}
+    environment = {key: value for key, value in os.environ.items() if key not in TIMING_ALLOCATOR_ENVIRONMENT}
+    environment.update(MEMORY_CHILD_ENVIRONMENT)
     completed = subprocess.run(
         [sys.executable, str(script), "--memory-child", *arguments],
         env=environment,

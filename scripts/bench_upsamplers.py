@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ from bench_common import (  # noqa: E402
     median_ratio,
     peak_memory_bytes,
     run_memory_child,
+    use_reusing_allocator,
 )
 from upsampler_baselines import UPSAMPLERS, build_upsampler, forward_flops, parameter_count  # noqa: E402
 
@@ -59,6 +61,7 @@ SIZE_CURVE_CHANNELS = 256
 BATCH_CURVE = {"full": (1, 2, 4, 8, 16), "quick": (1, 4)}
 BATCH_CURVE_SHAPE = (128, 40, 40)
 NECK_MODELS = ("yolov8n.yaml", "yolov8s.yaml")
+SECTIONS = ("paper", "neck", "curves")
 MODES = ("forward", "train")  # train: forward + backward of a given output gradient
 # Targets of issue 5, as ratios to bilinear interpolation at the paper's setting (CPU).
 TARGETS = (
@@ -77,7 +80,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement (7; quick 3)")
     parser.add_argument("--min-block", type=float, default=None, help="seconds per timed block (0.1; quick 0.05)")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory measurements")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)"
+    )
+    parser.add_argument(
+        "--before",
+        metavar="GIT_REVISION",
+        help="also measure yolo_dysample/dysample.py as it was at this git revision (paper setting only)",
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: docs/benchmarks (quick: a temp dir)")
+    parser.add_argument(
+        "--system-allocator", action="store_true", help="time with glibc's default malloc settings (see bench_common)"
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-cases", default="[]", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
@@ -90,6 +104,28 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         quick_dir = Path(tempfile.gettempdir()) / "yolo-dysample-bench"
         arguments.output_dir = quick_dir if arguments.quick else repository / "docs" / "benchmarks"
     return arguments
+
+
+def add_dysample_revision(revision: str) -> tuple[str, ...]:
+    """Register the four DySample variants of ``dysample.py`` at git ``revision``; return their names."""
+    repository = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "-C", str(repository), "show", f"{revision}:yolo_dysample/dysample.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    namespace: dict = {"__name__": f"dysample_at_{revision}"}
+    exec(compile(source, f"{revision}:yolo_dysample/dysample.py", "exec"), namespace)  # the file as it was
+    earlier = namespace["DySample"]
+    names = []
+    for style, dyscope in (("lp", False), ("lp", True), ("pl", False), ("pl", True)):
+        name = f"dysample-{style}{'+' if dyscope else ''}@{revision}"
+        UPSAMPLERS[name] = lambda channels, scale, style=style, dyscope=dyscope: earlier(
+            channels, scale=scale, style=style, groups=4, dyscope=dyscope
+        )
+        names.append(name)
+    return tuple(names)
 
 
 class Case:
@@ -138,6 +174,8 @@ def memory_child(arguments: argparse.Namespace) -> None:
     """Child process: peak memory of every requested (name, shape, mode); prints one JSON line."""
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
+    if arguments.before:
+        add_dysample_revision(arguments.before)
     results = []
     for name, shape, mode in json.loads(arguments.memory_cases):
         case = Case(name, tuple(shape), device)
@@ -161,6 +199,8 @@ def measure_memory(
             results.append([name, case_shape, mode, peak_memory_bytes(case.call(mode), device)])
     else:
         child_arguments = ["--threads", str(arguments.threads), "--device", "cpu", "--memory-cases", json.dumps(cases)]
+        if arguments.before:
+            child_arguments += ["--before", arguments.before]
         results = run_memory_child(Path(__file__), child_arguments)
     memory: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
     for name, _, mode, peak in results:
@@ -295,63 +335,102 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.memory_child:
         memory_child(arguments)
         return
+    reusing_allocator = not arguments.system_allocator and use_reusing_allocator()
     started = time.time()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
     machine = machine_summary(device, arguments.threads)
+    machine["malloc"] = "freed memory kept (MALLOC_MMAP_MAX_=0)" if reusing_allocator else "system defaults"
     print("Machine and versions:")
     for key, value in machine.items():
         print(f"  {key}: {value}")
     names = tuple(UPSAMPLERS)
     quick = "quick" if arguments.quick else "full"
+    report: list[str] = []
+    raw: dict = {"machine": machine}
 
-    print(f"\n[1/3] paper setting {PAPER_SHAPE}, x{SCALE}", flush=True)
-    x = torch.randn(PAPER_SHAPE)
-    static = {}
-    for name in names:
-        module = build_upsampler(name, PAPER_SHAPE[1], SCALE).eval()
-        static[name] = {"parameters": parameter_count(module), "gflops": forward_flops(module, x) / 1e9}
-    paper = measure_latency(names, PAPER_SHAPE, arguments, device)
-    paper_memory = None if arguments.skip_memory else measure_memory(names, PAPER_SHAPE, arguments, device)
-    for line in paper_table(paper, paper_memory, static):
-        print(line)
+    if "paper" in arguments.sections:
+        paper_names = names + (add_dysample_revision(arguments.before) if arguments.before else ())
+        print(f"\n[paper] {PAPER_SHAPE}, x{SCALE}", flush=True)
+        x = torch.randn(PAPER_SHAPE)
+        static = {}
+        for name in paper_names:
+            module = build_upsampler(name, PAPER_SHAPE[1], SCALE).eval()
+            static[name] = {"parameters": parameter_count(module), "gflops": forward_flops(module, x) / 1e9}
+        paper = measure_latency(paper_names, PAPER_SHAPE, arguments, device)
+        paper_memory = None if arguments.skip_memory else measure_memory(paper_names, PAPER_SHAPE, arguments, device)
+        table = paper_table(paper, paper_memory, static)
+        targets = target_lines(paper, paper_memory)
+        print("\n".join(table))
+        print("\nTargets (ratios to bilinear in this run):\n" + "\n".join(targets))
+        memory_rule = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+        report += [
+            f"## Paper setting: {'x'.join(map(str, PAPER_SHAPE))}, x{SCALE}",
+            "",
+            *table,
+            "",
+            "GFLOPs: forward, 2 FLOPs per multiply-add, convolutions and matrix products as they run",
+            "(`torch.utils.flop_counter`) plus 4 multiply-adds per output value for every bilinear interpolation or",
+            f"bilinear `grid_sample` (see `scripts/upsampler_baselines.py`). Peak memory: {memory_rule} above the",
+            "inputs, for a forward without autograd and for forward + backward.",
+            "",
+            *targets,
+            "",
+        ]
+        raw["paper"] = {"shape": PAPER_SHAPE, "latency": paper, "memory_mib": paper_memory, "static": static}
 
-    print("\n[2/3] YOLOv8n / YOLOv8s neck shapes at 640", flush=True)
-    neck = {}
-    shapes = neck_shapes()
-    if arguments.quick:
-        shapes = dict(list(shapes.items())[:2])  # YOLOv8n only
-    for label, shape in shapes.items():
-        neck[label] = measure_latency(names, shape, arguments, device)
-        print(f"  {label} done", flush=True)
-    for line in neck_table(neck):
-        print(line)
+    if "neck" in arguments.sections:
+        print("\n[neck] YOLOv8n / YOLOv8s neck shapes at 640", flush=True)
+        neck = {}
+        shapes = neck_shapes()
+        if arguments.quick:
+            shapes = dict(list(shapes.items())[:2])  # YOLOv8n only
+        for label, shape in shapes.items():
+            neck[label] = measure_latency(names, shape, arguments, device)
+            print(f"  {label} done", flush=True)
+        table = neck_table(neck)
+        print("\n".join(table))
+        report += ["## YOLOv8 neck shapes at 640 (batch 1): ms (× bilinear)", "", *table, ""]
+        raw["neck"] = neck
 
-    print("\n[3/3] curves over feature-map size and batch", flush=True)
-    curves: dict[str, dict] = {"size": {}, "batch": {}}
-    for size in SIZE_CURVE[quick]:
-        curves["size"][size] = measure_latency(CURVE_UPSAMPLERS, (1, SIZE_CURVE_CHANNELS, size, size), arguments, device)
-    for batch in BATCH_CURVE[quick]:
-        curves["batch"][batch] = measure_latency(CURVE_UPSAMPLERS, (batch, *BATCH_CURVE_SHAPE), arguments, device)
-    for axis, curve in curves.items():
-        for line in curve_table(curve, axis):
-            print(line)
+    if "curves" in arguments.sections:
+        print("\n[curves] over feature-map size and batch", flush=True)
+        curves: dict[str, dict] = {"size": {}, "batch": {}}
+        for size in SIZE_CURVE[quick]:
+            shape = (1, SIZE_CURVE_CHANNELS, size, size)
+            curves["size"][size] = measure_latency(CURVE_UPSAMPLERS, shape, arguments, device)
+        for batch in BATCH_CURVE[quick]:
+            curves["batch"][batch] = measure_latency(CURVE_UPSAMPLERS, (batch, *BATCH_CURVE_SHAPE), arguments, device)
+        tables = [*curve_table(curves["size"], "H=W"), "", *curve_table(curves["batch"], "batch")]
+        print("\n".join(tables))
+        arguments.output_dir.mkdir(parents=True, exist_ok=True)
+        threads = f"{arguments.threads} thread{'s' if arguments.threads > 1 else ''}"
+        plot(curves, arguments.output_dir / "upsamplers.png", f"Upsampler latency / bilinear, {machine['device']}, "
+             f"{threads} ({machine['cpu']})")  # fmt: skip
+        report += [
+            "## Latency over feature-map size and batch (× bilinear)",
+            "",
+            *tables,
+            "",
+            "![latency ratio to bilinear](upsamplers.png)",
+            "",
+        ]
+        raw["curves"] = {axis: {str(point): value for point, value in curve.items()} for axis, curve in curves.items()}
 
-    targets = target_lines(paper, paper_memory)
-    print("\nTargets (paper setting, ratios to bilinear in this run):")
-    for line in targets:
-        print(line)
     elapsed = time.time() - started
     command = "python scripts/bench_upsamplers.py" + (" --quick" if arguments.quick else "")
     if arguments.threads != os.cpu_count():
         command += f" --threads {arguments.threads}"
+    if arguments.system_allocator:
+        command += " --system-allocator"
+    if arguments.before:
+        command += f" --before {arguments.before}"
+    if set(arguments.sections) != set(SECTIONS):
+        command += " --sections " + " ".join(arguments.sections)
     machine["load average at end (1/5/15 min)"] = load_average()
     machine["run time"] = f"{elapsed:.0f} s"
-
-    arguments.output_dir.mkdir(parents=True, exist_ok=True)
-    title = f"Upsampler latency / bilinear, {machine['device']}, {arguments.threads} threads ({machine['cpu']})"
-    plot(curves, arguments.output_dir / "upsamplers.png", title)
-    report = [
+    raw["command"] = command
+    header = [
         "# Upsampler benchmark",
         "",
         f"Generated by `{command}` ({arguments.rounds} interleaved rounds, medians; ratios are medians of",
@@ -359,41 +438,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *(f"- {key}: {value}" for key, value in machine.items()),
         "",
-        f"## Paper setting: {'x'.join(map(str, PAPER_SHAPE))}, x{SCALE}",
-        "",
-        *paper_table(paper, paper_memory, static),
-        "",
-        "GFLOPs: forward, 2 FLOPs per multiply-add, convolutions and matrix products as they run",
-        "(`torch.utils.flop_counter`) plus 4 multiply-adds per output value for every bilinear interpolation or",
-        "bilinear `grid_sample` (see `scripts/upsampler_baselines.py`). Peak memory: "
-        + ("CUDA max allocated" if device.type == "cuda" else "peak RSS")
-        + " above the inputs, for a forward without autograd and for forward + backward.",
-        "",
-        *targets,
-        "",
-        "## YOLOv8 neck shapes at 640 (batch 1): ms (× bilinear)",
-        "",
-        *neck_table(neck),
-        "",
-        "## Latency over feature-map size and batch (× bilinear)",
-        "",
-        *curve_table(curves["size"], "H=W"),
-        "",
-        *curve_table(curves["batch"], "batch"),
-        "",
-        "![latency ratio to bilinear](upsamplers.png)",
-        "",
     ]
-    (arguments.output_dir / "upsamplers.md").write_text("\n".join(report))
-    raw = {
-        "command": command,
-        "machine": machine,
-        "paper": {"shape": PAPER_SHAPE, "latency": paper, "memory_mib": paper_memory, "static": static},
-        "neck": neck,
-        "curves": {axis: {str(point): value for point, value in curve.items()} for axis, curve in curves.items()},
-    }
+    arguments.output_dir.mkdir(parents=True, exist_ok=True)
+    (arguments.output_dir / "upsamplers.md").write_text("\n".join(header + report))
     (arguments.output_dir / "upsamplers.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nwrote {arguments.output_dir}/upsamplers.md, .json, .png in {elapsed:.0f} s")
+    print(f"\nwrote {arguments.output_dir}/upsamplers.md and .json" + (", .png" if "curves" in raw else "")
+          + f" in {elapsed:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ import matplotlib
 from ultralytics.utils import ASSETS, SETTINGS, USER_CONFIG_DIR
 
 out = Path(sys.argv[1])
-SETTINGS.update(datasets_dir=str(out / "datasets"), runs_dir=str(out / "runs"), weights_dir=str(out / "weights"), sync=False)
+SETTINGS.update(
+    datasets_dir=str(out / "datasets"), runs_dir=str(out / "runs"), weights_dir=str(out / "weights"), sync=False
+)
 font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 for name in ("Arial.ttf", "Arial.Unicode.ttf"):
     if not (USER_CONFIG_DIR / name).exists():

@@ -20,16 +20,19 @@ The helpers (``build_dysample_checkpoint``, ``CASES``, ``run_case``) are importe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -58,6 +61,8 @@ class Case:
     runs_here: bool = True  # False: conversion is checked, the runtime does not exist on Linux
     expect_error: str = ""  # the export must fail, with this text in the message
     unverified: str = ""  # cannot be tried on this machine at all (reason)
+    artifact: str = ""  # load this file from inside the exported folder (glob), not the folder itself
+    boxes_in_pixels: bool = False  # the file keeps pixel boxes that AutoBackend's LiteRT backend scales by imgsz again
     notes: str = ""
 
     @property
@@ -66,6 +71,10 @@ class Case:
 
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxslim")
+ONNX2TF_TFLITE_BOXES = (
+    "its boxes stay in pixels while AutoBackend's LiteRT backend multiplies them by imgsz (it expects the normalized "
+    "boxes of format=litert), so they are divided by imgsz before comparing (a stock YOLOv8n does the same)"
+)
 CASES = [
     Case("torchscript", {"format": "torchscript"}, ("torch",), tolerance=1e-4),
     Case("torchscript dynamic", {"format": "torchscript", "dynamic": True}, ("torch",), 1e-4, DYNAMIC_SHAPES),
@@ -77,14 +86,14 @@ CASES = [
         {"format": "onnx", "quantize": 16},
         ONNX_PACKAGES,
         tolerance=0.5,
-        notes="FP16 weights and activations (onnxruntime float16 converter, FP32 I/O)",
+        notes="onnxruntime's float16 converter, FP32 I/O; its CPU provider runs most FP16 nodes in FP32",
     ),
     Case("onnx opset=16", {"format": "onnx", "opset": 16}, ONNX_PACKAGES, notes="lowest opset with GridSample"),
     Case("onnx opset=15", {"format": "onnx", "opset": 15}, ONNX_PACKAGES, notes="no GridSample: auto picks gather"),
-    Case("onnx opset=11", {"format": "onnx", "opset": 11}, ONNX_PACKAGES, notes="lowest opset for DySample"),
+    Case("onnx opset=9", {"format": "onnx", "opset": 9}, ONNX_PACKAGES, notes="lowest opset for DySample"),
     Case(
-        "onnx opset=10",
-        {"format": "onnx", "opset": 10},
+        "onnx opset=8",
+        {"format": "onnx", "opset": 8},
         ONNX_PACKAGES,
         expect_error="opset",
         notes="below the lowest opset: must be a clear error",
@@ -98,6 +107,24 @@ CASES = [
     Case("paddle", {"format": "paddle"}, ("paddlepaddle", "x2paddle")),
     Case("saved_model", {"format": "saved_model"}, ("tensorflow", "onnx2tf"), tolerance=1e-2),
     Case("pb", {"format": "pb"}, ("tensorflow", "onnx2tf"), tolerance=1e-2),
+    Case(
+        "tflite (onnx2tf, fp32)",
+        {"format": "saved_model"},
+        ("tensorflow", "onnx2tf", "ai-edge-litert"),
+        tolerance=1e-2,
+        artifact="*_float32.tflite",
+        boxes_in_pixels=True,
+        notes="the .tflite onnx2tf writes beside the SavedModel; " + ONNX2TF_TFLITE_BOXES,
+    ),
+    Case(
+        "tflite (onnx2tf, fp16)",
+        {"format": "saved_model"},
+        ("tensorflow", "onnx2tf", "ai-edge-litert"),
+        tolerance=0.5,
+        artifact="*_float16.tflite",
+        boxes_in_pixels=True,
+        notes="FP16 weights; " + ONNX2TF_TFLITE_BOXES,
+    ),
     Case("litert", {"format": "litert"}, ("litert-torch", "ai-edge-litert", "torch"), tolerance=1e-2),
     Case("executorch", {"format": "executorch"}, ("executorch",), tolerance=1e-3),
     Case(
@@ -145,16 +172,19 @@ def perturb_offsets(model, seed: int = 0) -> None:
             for convolution in convolutions:
                 fan_in = convolution.weight.shape[1]
                 with torch.no_grad():
-                    convolution.weight.copy_(torch.randn(convolution.weight.shape, generator=generator) * 2 / fan_in**0.5)
+                    weight = torch.randn(convolution.weight.shape, generator=generator) * 2 / fan_in**0.5
+                    convolution.weight.copy_(weight)
                     convolution.bias.copy_(torch.randn(convolution.bias.shape, generator=generator) * 0.5)
 
 
-def build_dysample_checkpoint(path: str | Path, seed: int = 0) -> Path:
+def build_dysample_checkpoint(path: str | Path, seed: int = 0, dysample: bool = True) -> Path:
     """Write an Ultralytics checkpoint of YOLOv8n whose upsamplers are DySample, offsets perturbed.
 
     The stock ``nn.Upsample`` layers (10 and 13) become ``DySample(style="lp", dyscope=True)`` and
     ``DySample(style="pl")``; everything else, and the checkpoint layout, is stock. The model is
     built from ultralytics' own ``yolov8.yaml`` by path, so this needs no YAML lookup or registration.
+    ``dysample=False`` keeps the stock upsamplers: the baseline that tells a toolchain's own limits
+    from DySample's.
     """
     from copy import deepcopy
 
@@ -181,7 +211,7 @@ def build_dysample_checkpoint(path: str | Path, seed: int = 0) -> Path:
     for hook in hooks:
         hook.remove()
     variants = [{"style": "lp", "dyscope": True}, {"style": "pl", "dyscope": False}]
-    for index, variant in zip(upsample_indices, variants):
+    for index, variant in zip(upsample_indices if dysample else [], variants):
         stock = layers[index]
         layer = DySample(in_channels[index], scale=2, groups=4, **variant)
         layer.f, layer.i, layer.type = stock.f, stock.i, "yolo_dysample.DySample"
@@ -271,6 +301,44 @@ def write_onnx2tf_calibration_placeholder(directory: Path) -> None:
         np.save(sample, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
 
 
+class _Tee(io.TextIOBase):
+    """Write to several streams: converters print their diagnostics, the matrix wants them too."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def converter_complaints(output: str) -> str:
+    """The lines where a converter says what it could not convert (x2paddle's op list, onnx2tf's ERROR)."""
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # colours
+    unsupported_ops = re.findall(r"^=+ (aten::\w+) =+$", output, re.M)  # x2paddle
+    if unsupported_ops:
+        return f"; ops the converter does not support: {', '.join(unsupported_ops)}"
+    for line in output.splitlines():
+        if re.search(r"ERROR:.*(support|implement)", line):  # onnx2tf
+            return "; " + line.split("ERROR:", 1)[1].strip()[:200]
+    return ""
+
+
+def ncnn_unconverted_layers(model_directory: Path) -> str:
+    """pnnx writes ops it could not map to ncnn layers under their torch names (``torch.baddbmm``)."""
+    layer_types = set()
+    for param in model_directory.glob("*.param"):
+        for line in param.read_text().splitlines()[2:]:
+            if line.split() and "." in line.split()[0]:
+                layer_types.add(line.split()[0])
+    return f"; layers pnnx left unconverted: {', '.join(sorted(layer_types))}" if layer_types else ""
+
+
 def export_with_sampler(checkpoint: Path, case: Case, sampler: str = "auto") -> str:
     """Export ``checkpoint`` as ``case`` asks.
 
@@ -325,14 +393,22 @@ def run_case(
     if case.format in {"saved_model", "pb", "edgetpu"}:
         write_onnx2tf_calibration_placeholder(Path.cwd())
     started = time.perf_counter()
+    converter_output = io.StringIO()
     try:
-        exported = export_with_sampler(checkpoint, case, sampler)
+        with contextlib.redirect_stdout(_Tee(sys.stdout, converter_output)):
+            exported = export_with_sampler(checkpoint, case, sampler)
     except BaseException as error:  # noqa: BLE001 - the matrix lists every failure with its reason
         message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
         if case.expect_error and case.expect_error in str(error):
             return {**result, "status": "clear error (expected)", "reason": message}
+        message += converter_complaints(converter_output.getvalue())
         return {**result, "status": "export failed", "reason": message, "trace": traceback.format_exc()[-2000:]}
     result["export_s"] = round(time.perf_counter() - started, 1)
+    if case.artifact:
+        found = sorted(Path(exported).glob(case.artifact))
+        if not found:
+            return {**result, "status": "export failed", "reason": f"no {case.artifact} in {exported}"}
+        exported = str(found[0])
     result["exported"] = exported
     if case.expect_error:
         return {**result, "status": "FAIL: exported where an error was expected"}
@@ -341,7 +417,8 @@ def run_case(
             ops = coreml_program_ops(Path(exported)) if case.format == "coreml" else {}
         except Exception as error:  # noqa: BLE001
             return {**result, "status": "converted, program unreadable", "reason": f"{type(error).__name__}: {error}"}
-        sampling_ops = {op: n for op, n in ops.items() if op in {"resample", "gather", "gather_nd", "gather_along_axis"}}
+        sampling_op_types = {"resample", "gather", "gather_nd", "gather_along_axis"}
+        sampling_ops = {op: n for op, n in ops.items() if op in sampling_op_types}
         return {**result, "status": "converted (not run here)", "program_ops": sampling_ops}
     try:
         reference = AutoBackend(str(checkpoint), device="cpu", verbose=False)
@@ -350,6 +427,9 @@ def run_case(
         for shape in case.shapes:
             images = letterboxed_images(shape)
             expected, actual = raw_output(reference, images), raw_output(backend, images)
+            if case.boxes_in_pixels:
+                actual[:, [0, 2]] /= shape[2]
+                actual[:, [1, 3]] /= shape[1]
             if expected.shape != actual.shape:
                 raise ValueError(f"output shape {actual.shape} != PyTorch {expected.shape} for input {shape}")
             differences.append(float(abs(expected - actual).max()))
@@ -358,6 +438,8 @@ def run_case(
             reference_latency = median_latency_ms(reference, letterboxed_images(case.shapes[0]))
     except BaseException as error:  # noqa: BLE001
         message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+        if case.format == "ncnn":
+            message += ncnn_unconverted_layers(Path(exported))
         return {**result, "status": "load/run failed", "reason": message, "trace": traceback.format_exc()[-2000:]}
     max_difference = max(differences)
     status = "pass" if max_difference <= case.tolerance else "MISMATCH"
@@ -392,8 +474,45 @@ def run_case_in_subprocess(python: str, case: Case, sampler: str, workdir: Path,
             "reason": f"exit {finished.returncode}: {tail[0][:300]}", "versions": "", "notes": case.notes}
 
 
+def onnx_layer_cost(repeats: int = 30) -> list[dict]:
+    """Best-of-``repeats`` ONNX Runtime CPU latency of one exported DySample layer with each sampler."""
+    import io as bytes_io
+
+    import onnxruntime
+    import torch
+
+    from yolo_dysample import DySample
+    from yolo_dysample.gather_sampling import use_sampler
+
+    rows = []
+    for channels, size in ((64, 20), (128, 40), (256, 80)):
+        layer = DySample(channels, style="lp", dyscope=True).eval()
+        perturb_offsets(layer)
+        features = torch.randn(1, channels, size, size)
+        row = {"input": f"(1, {channels}, {size}, {size})"}
+        for sampler in ("grid_sample", "gather"):
+            graph = bytes_io.BytesIO()
+            with use_sampler(layer, sampler), torch.no_grad():
+                torch.onnx.export(layer, (features,), graph, opset_version=17, dynamo=False)
+            session = onnxruntime.InferenceSession(graph.getvalue(), providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: features.numpy()}
+            for _ in range(3):
+                session.run(None, feed)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append((time.perf_counter() - start) * 1000)
+            row[sampler] = min(times)
+        rows.append(row)
+    return rows
+
+
 def sampler_cost(repeats: int = 30) -> list[dict]:
-    """Median PyTorch CPU latency of one DySample layer with each sampler, at a few feature sizes."""
+    """Best-of-``repeats`` PyTorch CPU latency of one DySample layer with each sampler, at a few sizes.
+
+    The minimum, not the median: on a machine shared with other jobs the minimum is the stable number.
+    """
     import torch
 
     from yolo_dysample import DySample
@@ -414,7 +533,7 @@ def sampler_cost(repeats: int = 30) -> list[dict]:
                     start = time.perf_counter()
                     layer(features)
                     times.append((time.perf_counter() - start) * 1000)
-            row[sampler] = statistics.median(times)
+            row[sampler] = min(times)
         rows.append(row)
     return rows
 
@@ -442,7 +561,7 @@ def onnx_sampler_cost(workdir: Path, checkpoint: Path) -> list[dict]:
             start = time.perf_counter()
             session.run(None, feed)
             times.append((time.perf_counter() - start) * 1000)
-        rows.append({"sampler": sampler, "nodes": len(graph.node), "latency_ms": statistics.median(times)})
+        rows.append({"sampler": sampler, "nodes": len(graph.node), "latency_ms": min(times)})
     return rows
 
 
@@ -450,7 +569,9 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_tables(results: list[dict], layer_cost: list[dict], model_cost: list[dict]) -> str:
+def render_tables(
+    results: list[dict], layer_cost: list[dict], model_cost: list[dict], onnx_layer: list[dict] | None = None
+) -> str:
     """Markdown for the generated part of docs/export_matrix.md."""
     from yolo_dysample.gather_sampling import sampler_for_export
 
@@ -467,7 +588,8 @@ def render_tables(results: list[dict], layer_cost: list[dict], model_cost: list[
         "",
         "### With the automatic sampler (what `yolo export` does)",
         "",
-        "| case | sampler | status | max \\|diff\\| vs PyTorch | tolerance | latency ms (PyTorch ms) | toolchain | notes |",
+        "| case | sampler | status | max \\|diff\\| vs PyTorch | tolerance | latency ms (PyTorch ms) "
+        "| toolchain | notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = list(dict.fromkeys(r["case"] for r in results))
@@ -482,12 +604,14 @@ def render_tables(results: list[dict], layer_cost: list[dict], model_cost: list[
         if "diff_per_shape" in row and len(row["diff_per_shape"]) > 1:
             difference += " (" + ", ".join(f"{k}: {v:.1e}" for k, v in row["diff_per_shape"].items()) + ")"
         latency = f"{row['latency_ms']} ({row['pytorch_latency_ms']})" if "latency_ms" in row else "-"
+        where = [part for part in row.get("notes", "").split("; ") if part.startswith("run in a separate")]
+        notes = "; ".join(filter(None, [case.notes if case else row.get("notes", ""), *where]))
         status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
         if row.get("program_ops"):
             status += f"; sampling ops {row['program_ops']}"
         lines.append(
             f"| {_cell(name)} | {row['sampler']} | {_cell(status)} | {difference} | {row.get('tolerance', '-')} "
-            f"| {latency} | {_cell(row.get('versions', ''))} | {_cell(row.get('notes', ''))} |"
+            f"| {latency} | {_cell(row.get('versions', ''))} | {_cell(notes)} |"
         )
     lines += [
         "",
@@ -517,7 +641,7 @@ def render_tables(results: list[dict], layer_cost: list[dict], model_cost: list[
             "",
             "### Cost of the gather sampler",
             "",
-            "One DySample layer (LP, dynamic scope) in PyTorch on CPU, median ms:",
+            "One DySample layer (LP, dynamic scope) in PyTorch on CPU, best of 30 runs, ms:",
             "",
             "| input | grid_sample | gather | gather / grid_sample |",
             "| --- | --- | --- | --- |",
@@ -525,12 +649,23 @@ def render_tables(results: list[dict], layer_cost: list[dict], model_cost: list[
         for row in layer_cost:
             ratio = row["gather"] / row["grid_sample"]
             lines.append(f"| {row['input']} | {row['grid_sample']:.2f} | {row['gather']:.2f} | {ratio:.2f} |")
+    if onnx_layer:
+        lines += [
+            "",
+            "The same layer exported to ONNX (opset 17) and run by ONNX Runtime on CPU, best of 30 runs, ms:",
+            "",
+            "| input | GridSample | gather | gather / GridSample |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in onnx_layer:
+            ratio = row["gather"] / row["grid_sample"]
+            lines.append(f"| {row['input']} | {row['grid_sample']:.2f} | {row['gather']:.2f} | {ratio:.2f} |")
     if model_cost:
         lines += [
             "",
-            "The whole model in ONNX Runtime (CPU, imgsz 320, batch 1):",
+            f"The whole model in ONNX Runtime (CPU, imgsz 320, batch 1), best of {LATENCY_RUNS} runs:",
             "",
-            "| sampler | ONNX nodes | median ms |",
+            "| sampler | ONNX nodes | ms |",
             "| --- | --- | --- |",
         ]
         for row in model_cost:
@@ -564,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave the doc alone")
     parser.add_argument("--no-cost", action="store_true", help="skip the gather-cost measurement")
     parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--stock", action="store_true", help="baseline: stock YOLOv8n, no DySample (never written)")
+    parser.add_argument("--previous", help="rows of an earlier --json run to keep; the cases run now replace theirs")
     parser.add_argument("--run-case", help=argparse.SUPPRESS)
     parser.add_argument("--sampler", help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
@@ -584,13 +721,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="export-matrix-") as temporary:
         workdir = Path(args.workdir or temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint = build_dysample_checkpoint(workdir / "dysample-yolov8n.pt")
-        results = []
+        checkpoint = build_dysample_checkpoint(workdir / "dysample-yolov8n.pt", dysample=not args.stock)
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else {}
+        if isinstance(previous, list):  # rows only
+            previous = {"rows": previous}
+        results = [row for row in previous.get("rows", []) if row["case"] in CASES_BY_NAME]  # drop retired cases
         for case in cases:
             for sampler in args.samplers:
                 started = time.perf_counter()
                 python = interpreters.get(case.format, args.python)
                 row = run_case_in_subprocess(python, case, sampler, workdir, checkpoint)
+                results = [r for r in results if (r["case"], r["sampler"]) != (case.name, sampler)]
                 if python != sys.executable:
                     where = f"run in a separate environment ({Path(python).parent.parent.name})"
                     row["notes"] = "; ".join(filter(None, [row.get("notes", ""), where]))
@@ -598,13 +739,20 @@ def main(argv: list[str] | None = None) -> int:
                 shown = row.get("max_abs_diff", row.get("reason", ""))
                 print(f"{case.name:24s} {sampler:12s} {row['status']:28s} {shown} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
-        layer_cost = [] if args.no_cost else sampler_cost()
-        model_cost = [] if args.no_cost else onnx_sampler_cost(workdir, checkpoint)
+        if args.no_cost:  # keep the previous run's measurements, if any
+            layer_cost, model_cost = previous.get("layer_cost", []), previous.get("model_cost", [])
+            onnx_layer = previous.get("onnx_layer", [])
+        else:
+            layer_cost, model_cost = sampler_cost(), onnx_sampler_cost(workdir, checkpoint)
+            onnx_layer = onnx_layer_cost()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    generated = render_tables(results, layer_cost, model_cost)
+        measured = {"layer_cost": layer_cost, "model_cost": model_cost, "onnx_layer": onnx_layer}
+        Path(args.json).write_text(json.dumps({"rows": results, **measured}, indent=1))
+    order = {case.name: index for index, case in enumerate(CASES)}
+    results.sort(key=lambda row: (order.get(row["case"], len(order)), row["sampler"] != "grid_sample"))
+    generated = render_tables(results, layer_cost, model_cost, onnx_layer)
     print(generated)
-    if not args.no_write and not args.cases:
+    if not args.no_write and not args.stock and (not args.cases or args.previous):
         write_doc(generated)
         print(f"wrote {DOC}")
     return 0

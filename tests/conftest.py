@@ -46,6 +46,9 @@ os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_AUTOINSTALL"] = "0"
 os.environ.pop("YOLO_DYSAMPLE_AUTOLOAD", None)  # the tests that need it off set it per subprocess
 os.environ.pop("ULTRALYTICS_SAFE_LOAD", None)
+# One intra-op thread, as ultralytics itself sets for its processes: on a small shared CI machine, torch's spinning
+# thread pool otherwise burns 10x the CPU time for the same tiny models. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _provide_fonts(config_dir: Path) -> None:
@@ -80,7 +83,9 @@ def offline_ultralytics_settings():
 def _installed_counterpart(installed_name: str) -> Path:
     """Source-checkout path of a file the wheel installs (cfg/ is installed as yolo_dysample/cfg/)."""
     prefix = "yolo_dysample/cfg/"
-    return REPO_ROOT / (installed_name[len("yolo_dysample/") :] if installed_name.startswith(prefix) else installed_name)
+    return REPO_ROOT / (
+        installed_name[len("yolo_dysample/") :] if installed_name.startswith(prefix) else installed_name
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +109,9 @@ def installed_yolo_dysample() -> importlib.metadata.Distribution:
     shipped = {"_yolo_dysample_autoload.py", "yolo_dysample_autoload.pth"}
     shipped |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "yolo_dysample").glob("*.py")}
     shipped |= {f"yolo_dysample/{p.relative_to(REPO_ROOT).as_posix()}" for p in (REPO_ROOT / "cfg").rglob("*.yaml")}
-    assert installed == shipped, f"installed files differ from this checkout: {sorted(installed ^ shipped)}; {reinstall}"
+    assert installed == shipped, (
+        f"installed files differ from this checkout: {sorted(installed ^ shipped)}; {reinstall}"
+    )
     for name in sorted(installed):
         on_disk = Path(distribution.locate_file(name)).read_bytes()
         assert on_disk == _installed_counterpart(name).read_bytes(), f"installed {name} is outdated; {reinstall}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -41,12 +42,16 @@ RUN_NAMES = [f"{variant}-seed{seed}" for seed in SEEDS for variant in ("stock", 
 
 
 def run_compare_command(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    # This checkout first on the path, for the command and the training subprocesses it starts: the code under test
+    # even where an older copy of the package is installed (under scripts/test.sh both are the same).
+    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "yolo_dysample.cli", "compare", *arguments],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=900,
+        env={**os.environ, "PYTHONPATH": python_path},
     )
 
 
@@ -202,6 +207,27 @@ def test_other_settings_under_the_same_name_are_refused(finished_comparison, com
 
 
 @pytest.mark.slow
+def test_weights_start_every_run_from_the_same_stock_checkpoint(finished_comparison, compare_dataset_yaml, tmp_path):
+    directory, _ = finished_comparison
+    checkpoint = directory / "stock-seed0" / "weights" / "best.pt"
+    project = tmp_path / "runs"
+    result = run_compare_command(
+        "--data", str(compare_dataset_yaml), "--variants", "dysample", "--weights", str(checkpoint),
+        "--project", str(project), "--name", "transfer", *TINY_SETTINGS, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    stock = json.loads((project / "transfer" / "stock-seed0" / RUN_DONE_FILE).read_text())
+    dysample = json.loads((project / "transfer" / "dysample-seed0" / RUN_DONE_FILE).read_text())
+    assert stock["settings"]["weights"] == str(checkpoint)
+    # every tensor of the stock model starts as the checkpoint's; the variant gets all but its two DySample layers
+    # (offset.weight, offset.bias and the init_pos buffer each), which the stock checkpoint does not have
+    assert stock["weights_transferred"]["from_weights"] == stock["weights_transferred"]["total"]
+    assert dysample["weights_transferred"]["total"] - dysample["weights_transferred"]["from_weights"] == 2 * 3
+    assert dysample["weights_transferred"]["from_weights"] == stock["weights_transferred"]["total"]
+    assert "starting weights: " + str(checkpoint) in (project / "transfer" / "summary.md").read_text()
+
+
+@pytest.mark.slow
 def test_a_failing_run_exits_1_quotes_its_log_and_keeps_the_finished_runs(compare_dataset_yaml, tmp_path):
     from ultralytics.utils.checks import check_yaml
 
@@ -250,7 +276,8 @@ def test_a_failing_run_exits_1_quotes_its_log_and_keeps_the_finished_runs(compar
 )
 def test_bad_arguments_exit_with_code_2_and_a_message(arguments, message, compare_dataset_yaml, tmp_path, capsys):
     project = tmp_path / "runs"
-    code = main(["compare", "--data", str(compare_dataset_yaml), "--project", str(project), *arguments])
+    # the tiny settings first (later options win): should validation ever miss, the run is tiny, not a default one
+    code = main(["compare", "--data", str(compare_dataset_yaml), "--project", str(project), *TINY_SETTINGS, *arguments])
     captured = capsys.readouterr()
     assert code == 2
     assert message in captured.err

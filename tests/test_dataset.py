@@ -170,6 +170,31 @@ def test_ultralytics_derives_boxes_from_the_polygons(small_dataset):
         np.testing.assert_allclose(segment, polygon, atol=1e-6)
 
 
+def test_ultralytics_builds_segmentation_masks_from_the_same_labels(tmp_path):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+
+    root = generate_shapes_dataset(tmp_path / "shapes", train_images=1, val_images=3)
+    cfg = get_cfg(overrides={"task": "segment", "imgsz": 256, "mask_ratio": 1, "overlap_mask": False})
+    data = {"names": dict(enumerate(CLASS_NAMES)), "nc": len(CLASS_NAMES), "channels": 3}
+    dataset = build_yolo_dataset(cfg, str(root / "images" / "val"), batch=1, data=data, mode="val")
+    for index in range(3):
+        sample = dataset[index]
+        rows = _read_labels(root / "labels" / "val" / f"val_{index:04d}.txt")
+        assert sample["masks"].shape == (len(rows), 256, 256)  # one full-resolution mask per polygon
+        for (class_index, polygon), mask, sample_class in zip(rows, sample["masks"].numpy(), sample["cls"]):
+            assert int(sample_class) == class_index
+            polygon = polygon * 256
+            area = _polygon_area(polygon)
+            perimeter = np.linalg.norm(polygon - np.roll(polygon, 1, axis=0), axis=1).sum()
+            assert 0.9 * area <= mask.sum() <= area + perimeter + 4  # the rasterised outline, boundary pixels in
+            rows_in_mask, columns_in_mask = np.nonzero(mask)
+            left, top = np.floor(polygon.min(0)) - 1
+            right, bottom = np.ceil(polygon.max(0)) + 1
+            assert left <= columns_in_mask.min() and columns_in_mask.max() < right
+            assert top <= rows_in_mask.min() and rows_in_mask.max() < bottom
+
+
 def test_generating_again_reuses_a_finished_dataset(small_dataset):
     manifest = small_dataset / datasets.MANIFEST_NAME
     before = manifest.stat().st_mtime_ns

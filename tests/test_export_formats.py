@@ -90,7 +90,8 @@ def export_and_compare(case_name: str, checkpoint: Path, directory: Path, sample
     """Run one matrix case in ``directory`` and return its row; assert it passed."""
     local = directory / checkpoint.name
     shutil.copyfile(checkpoint, local)  # exports land beside the checkpoint
-    row = export_matrix.run_case(export_matrix.CASES_BY_NAME[case_name], sampler, directory, local, measure_latency=False)
+    case = export_matrix.CASES_BY_NAME[case_name]
+    row = export_matrix.run_case(case, sampler, directory, local, measure_latency=False)
     assert row["status"] == "pass", row
     return row
 
@@ -134,7 +135,9 @@ def test_onnx_without_simplify_matches_pytorch(dysample_checkpoint, tmp_path, au
     export_and_compare("onnx simplify=False", dysample_checkpoint, tmp_path)
 
 
-def test_dynamic_onnx_matches_pytorch_at_three_resolutions_and_batch_two(dysample_checkpoint, tmp_path, automatic_sampler):
+def test_dynamic_onnx_matches_pytorch_at_three_resolutions_and_batch_two(
+    dysample_checkpoint, tmp_path, automatic_sampler
+):
     row = export_and_compare("onnx dynamic", dysample_checkpoint, tmp_path)
     assert len(row["diff_per_shape"]) == 3 and "(2, 128, 128)" in row["diff_per_shape"]
 
@@ -152,7 +155,7 @@ def test_onnx_opset_16_is_the_lowest_with_grid_sample(dysample_checkpoint, tmp_p
     assert "GridSample" in onnx_op_types(row["exported"])
 
 
-@pytest.mark.parametrize("case_name", ["onnx opset=15", "onnx opset=11"])
+@pytest.mark.parametrize("case_name", ["onnx opset=15", "onnx opset=9"])
 def test_onnx_below_opset_16_exports_the_gather_sampler_automatically(
     case_name, dysample_checkpoint, tmp_path, automatic_sampler
 ):
@@ -161,13 +164,13 @@ def test_onnx_below_opset_16_exports_the_gather_sampler_automatically(
     assert "GridSample" not in op_types and "Gather" in op_types
 
 
-def test_onnx_below_opset_11_is_a_clear_error_not_a_wrong_graph(dysample_checkpoint, tmp_path, automatic_sampler):
+def test_onnx_below_opset_9_is_a_clear_error_not_a_wrong_graph(dysample_checkpoint, tmp_path, automatic_sampler):
     from ultralytics import YOLO
 
     local = tmp_path / dysample_checkpoint.name
     shutil.copyfile(dysample_checkpoint, local)
-    with pytest.raises(ValueError, match=r"DySample cannot be exported at ONNX opset=10: it needs opset>=11"):
-        YOLO(str(local)).export(format="onnx", opset=10, imgsz=export_matrix.IMAGE_SIZE, device="cpu")
+    with pytest.raises(ValueError, match=r"DySample cannot be exported at ONNX opset=8: it needs opset>=9"):
+        YOLO(str(local)).export(format="onnx", opset=8, imgsz=export_matrix.IMAGE_SIZE, device="cpu")
     assert not list(tmp_path.glob("*.onnx"))
 
 
@@ -177,7 +180,9 @@ def test_forced_gather_sampler_onnx_matches_pytorch(dysample_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("case_name", ["openvino", "openvino dynamic", "openvino quantize=16"])
-def test_openvino_export_matches_pytorch(case_name, dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
+def test_openvino_export_matches_pytorch(
+    case_name, dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler
+):
     export_and_compare(case_name, dysample_checkpoint, tmp_path)
 
 
@@ -244,4 +249,4 @@ def test_yolo_cli_exports_onnx_then_predicts_and_validates_it(dysample_checkpoin
     yolo("predict", f"model={exported}", f"source={ASSETS / 'bus.jpg'}", "imgsz=128", "device=cpu", "save_txt=True")
     data = write_tiny_dataset(tmp_path / "tiny")
     output = yolo("val", f"model={exported}", f"data={data}", "imgsz=128", "batch=1", "device=cpu", "plots=False")
-    assert "all" in output and "2" in output  # the metrics row over both images
+    assert re.search(r"\ball\s+2\s+2\s", output), output[-2000:]  # metrics row: 2 images, 2 instances

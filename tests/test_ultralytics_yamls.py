@@ -19,11 +19,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = bundled_cfg_dir() / "models"
 BUNDLED = sorted(MODELS_DIR.rglob("*.yaml"))
 VARIANT_SUFFIXES = ("-dysample-s-plus", "-dysample-plus", "-dysample-s", "-dysample")  # longest first
-STOCK_WITH_UPSAMPLE = {  # the issue's list: every stock v8/11/26 YAML with nn.Upsample (no ghost/world/rtdetr/yoloe)
-    "v8": ["yolov8", "yolov8-p2", "yolov8-p6", "yolov8-seg", "yolov8-seg-p6", "yolov8-pose", "yolov8-pose-p6", "yolov8-obb"],
+# The issue's list: every stock v8/11/26 YAML with nn.Upsample (no ghost/world/rtdetr/yoloe).
+STOCK_WITH_UPSAMPLE = {
+    "v8": [
+        "yolov8",
+        "yolov8-p2",
+        "yolov8-p6",
+        "yolov8-seg",
+        "yolov8-seg-p6",
+        "yolov8-pose",
+        "yolov8-pose-p6",
+        "yolov8-obb",
+    ],
     "11": ["yolo11", "yolo11-seg", "yolo11-pose", "yolo11-obb"],
     "26": ["yolo26", "yolo26-p2", "yolo26-p6", "yolo26-seg", "yolo26-pose", "yolo26-obb", "yolo26-sem", "yolo26-depth"],
-}  # fmt: skip
+}
 
 
 def load_generator():
@@ -46,7 +56,7 @@ def scaled_name(name: str, scale: str) -> str:
     return re.sub(r"^(yolov?\d+)", rf"\g<1>{scale}", name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stock_model_text(stem: str) -> str:
     import ultralytics
 
@@ -99,7 +109,7 @@ def test_twin_text_is_the_stock_text_with_only_the_upsample_rows_replaced(bundle
     stock = stock_model_text(stock_stem(bundled))
     stock_lines, twin_lines = stock.splitlines(), body.splitlines()
     assert len(stock_lines) == len(twin_lines)
-    changed = [(a, b) for a, b in zip(stock_lines, twin_lines) if a != b]
+    changed = [(a, b) for a, b in zip(stock_lines, twin_lines, strict=True) if a != b]
     assert changed and all("nn.Upsample" in a and "DySample" in b for a, b in changed)
     for a, b in changed:  # same from/repeats field and trailing comment
         assert a.split("nn.Upsample")[0] == b.split("DySample")[0]
@@ -107,7 +117,7 @@ def test_twin_text_is_the_stock_text_with_only_the_upsample_rows_replaced(bundle
     style = "pl" if "-dysample-s" in bundled.stem else "lp"
     dyscope = bundled.stem.endswith("-plus")
     twin, original = yaml.safe_load(body), yaml.safe_load(stock)
-    for index, (old, new) in enumerate(zip(rows(original), rows(twin))):
+    for index, (old, new) in enumerate(zip(rows(original), rows(twin), strict=True)):
         if old[2] == "nn.Upsample":
             assert new[:3] == [old[0], old[1], "DySample"]
             scale, new_style, groups, new_dyscope = new[3]
@@ -135,7 +145,7 @@ def test_bundled_yaml_builds_at_every_scale(bundled):
 
 
 # ------------------------------------------------------------------------------------- building at scale n, weights
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stock_state_shapes(stem: str) -> dict[str, tuple]:
     """Shapes of the stock model's state_dict at scale n (built on the meta device: shapes only)."""
     from ultralytics.nn.tasks import parse_model
@@ -166,7 +176,9 @@ def test_bundled_yaml_builds_at_scale_n_and_runs_forward(bundled):
     twin_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     stock_shapes = stock_state_shapes(stock_stem(bundled))
     assert {key: twin_shapes.get(key) for key in stock_shapes} == stock_shapes
-    assert all(".offset." in k or ".scope." in k or k.endswith(".init_pos") for k in set(twin_shapes) - set(stock_shapes))
+    assert all(
+        ".offset." in k or ".scope." in k or k.endswith(".init_pos") for k in set(twin_shapes) - set(stock_shapes)
+    )
 
 
 def head_inputs(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -234,7 +246,11 @@ def test_bare_model_names_resolve_from_any_directory_with_their_scale(tmp_path, 
     from ultralytics.nn.tasks import yaml_model_load
 
     monkeypatch.chdir(tmp_path)
-    for name, scale in [("yolov8n-dysample.yaml", "n"), ("yolo11s-seg-dysample.yaml", "s"), ("yolo26m-sem-dysample.yaml", "m")]:
+    for name, scale in [
+        ("yolov8n-dysample.yaml", "n"),
+        ("yolo11s-seg-dysample.yaml", "s"),
+        ("yolo26m-sem-dysample.yaml", "m"),
+    ]:
         model = yaml_model_load(name)
         assert model["scale"] == scale
         unscaled = re.sub(r"^(yolov?\d+)[nsmlx]", r"\1", name)

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from yolo_dysample.compare import DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VARIANTS, DYSAMPLE_VARIANTS, PRESETS
 
     parser = argparse.ArgumentParser(
-        prog="yolo-dysample", description="DySample (ICCV 2023) for Ultralytics YOLO: command-line tools."
+        prog="yolo-dysample",
+        description="DySample (ICCV 2023) for Ultralytics YOLO: command-line tools.",
+        allow_abbrev=False,
     )
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     compare = subcommands.add_parser(
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=COMPARE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --epoch is a typo to report, not --epochs
     )
     compare.add_argument("--preset", choices=sorted(PRESETS), help="preset settings; the options below override them")
     compare.add_argument("--data", help=f"dataset YAML, path or bundled name (default {DEFAULT_DATA})")

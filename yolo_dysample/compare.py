@@ -570,6 +570,9 @@ def compare(
         )
 
     records = {(run.variant, run.seed): _finished_record(run) for run in planned}
+    vanished = [run.name for run in planned if records[(run.variant, run.seed)] is None]
+    if vanished:  # deleted while this comparison ran
+        raise RunFailedError(f"runs {', '.join(vanished)} lost their {RUN_DONE_FILE}; run the comparison again")
     _write_summary(result, planned, records, (STOCK, *chosen_variants), shared_settings, latency_runs)
     report(f"summary: {result.files['summary_md']}")
     return result
@@ -703,15 +706,29 @@ def run_single_training(request_file: str | Path) -> int:
     import yolo_dysample
 
     model = YOLO(request["model"])
-    transferred = None
+    transferred: dict[str, int] = {}
     if request["weights"]:
-        source_state = load_checkpoint(request["weights"])[0].float().state_dict()
-        target_state = model.model.state_dict()
-        matching = sum(
-            1 for key, value in target_state.items() if key in source_state and source_state[key].shape == value.shape
-        )
-        transferred = f"{matching}/{len(target_state)}"
-        model.load(request["weights"])
+        source_model = load_checkpoint(request["weights"])[0]
+        source_state = {key: value.float() for key, value in source_model.state_dict().items()}
+        # pretrained=<path>, not model.load(): the trainer then transfers straight into the model built for the
+        # dataset's classes. model.load() would go through the YAML's 80-class model first and lose the class head.
+        request["train_args"]["pretrained"] = request["weights"]
+
+        def count_transferred_tensors(trainer: Any) -> None:
+            """Tensors of the model about to train that equal the checkpoint's (the weight transfer, verified)."""
+            from ultralytics.utils.torch_utils import unwrap_model
+
+            target_state = unwrap_model(trainer.model).state_dict()
+            transferred["from_weights"] = sum(
+                1
+                for key, value in target_state.items()
+                if key in source_state
+                and value.shape == source_state[key].shape
+                and torch.equal(value.detach().float().cpu(), source_state[key])
+            )
+            transferred["total"] = len(target_state)
+
+        model.add_callback("on_pretrain_routine_end", count_transferred_tensors)
 
     train_start = time.perf_counter()
     metrics = model.train(data=request["data"], **request["train_args"])
@@ -746,7 +763,7 @@ def run_single_training(request_file: str | Path) -> int:
         "latency_device": str(device),
         "peak_rss_mib": peak_rss_mib,
         "peak_cuda_mib": peak_cuda_mib,
-        "weights_transferred": transferred,
+        "weights_transferred": transferred or None,  # {"from_weights": n, "total": m} state-dict tensors
         "checkpoint": str(checkpoint),
         "ultralytics": ultralytics_version,
         "yolo_dysample": yolo_dysample.__version__,
@@ -821,8 +838,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _format_mean_std(mean: float, std: float, digits: int, thousands: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
-    text = f"{mean:,.{digits}f}" if thousands else f"{mean:.{digits}f}"
-    return text if math.isnan(std) else f"{text} ± {std:,.{digits}f}" if thousands else f"{text} ± {std:.{digits}f}"
+    number_format = f",.{digits}f" if thousands else f".{digits}f"
+    text = format(mean, number_format)
+    return text if math.isnan(std) else f"{text} ± {format(std, number_format)}"
 
 
 def _write_summary(
@@ -953,7 +971,7 @@ def _markdown_table(
     footnotes = [
         "",
         "Metrics are those of the final validation of each run's best.pt, as mean ± sample standard deviation "
-        "over the seeds (no ± with a single seed).",
+        "over the seeds (no ± with a single seed); Δ is the difference of the means.",
         "",
         "¹ Ultralytics `model.info()` (thop) of the fused model at imgsz "
         f"{shared_settings['imgsz']}. thop does not count `F.grid_sample`, so DySample's sampling itself is missing: "

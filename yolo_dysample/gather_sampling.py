@@ -9,8 +9,12 @@ runtimes lack it or compute it differently. This file holds
   (``Floor``, ``Clip``, ``Cast``, arithmetic, one ``Gather`` on axis 0, ``Transpose``): it takes the
   same ``(input, grid)`` as ``F.grid_sample`` and returns the same values;
 - the sampler choice: :data:`SAMPLERS`, :func:`set_sampler` / :func:`use_sampler` to switch every
-  DySample in a model, and :func:`sampler_for_export`, the automatic choice per export format
-  (``YOLO_DYSAMPLE_SAMPLER`` overrides it), which the Ultralytics adapter calls at export time.
+  DySample in a model, :func:`sampler_for_export`, the automatic choice per export format and ONNX
+  opset (``YOLO_DYSAMPLE_SAMPLER`` overrides it), and :func:`choose_sampler_for_export`, the
+  ``on_export_start`` callback through which the Ultralytics adapter applies it to every export.
+
+Which formats need which sampler is measured, not assumed: ``scripts/export_matrix.py`` exports
+with each sampler and writes ``docs/export_matrix.md``.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ __all__ = [
 SAMPLERS = ("grid_sample", "gather")
 SAMPLER_ENVIRONMENT_VARIABLE = "YOLO_DYSAMPLE_SAMPLER"  # "grid_sample" | "gather" | "auto" (default)
 GRID_SAMPLE_MIN_ONNX_OPSET = 16  # ONNX GridSample first appears in opset 16
-# Below 11 torch's exporter gets DySample's grid arithmetic wrong in static graphs (max |diff| ~2 px at opset 10)
-GATHER_MIN_ONNX_OPSET = 11
+# The lowest opset whose exports match PyTorch (tests/test_export_formats.py checks it); below it torch has
+# no ONNX Range for DySample's torch.arange, and ultralytics itself asks detection models for opset>=9.
+GATHER_MIN_ONNX_OPSET = 9
 # Export formats whose converter or runtime has no GridSample, or one that disagrees with PyTorch
 # (measured by scripts/export_matrix.py, see docs/export_matrix.md): onnx2tf, behind every TensorFlow
-# format, converts GridSample only with zeros padding and stops on DySample's border padding.
-FORMATS_NEEDING_GATHER = frozenset({"saved_model", "pb", "edgetpu"})
+# format, converts GridSample only with zeros padding and stops on DySample's border padding; x2paddle
+# (format=paddle) has no aten::grid_sampler at all.
+FORMATS_NEEDING_GATHER = frozenset({"saved_model", "pb", "edgetpu", "paddle"})
 
 
 def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

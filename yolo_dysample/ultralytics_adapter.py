@@ -14,9 +14,11 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    ``DySampleRow(*args)``. ``DySampleRow.__new__`` reads ``ch``, ``f`` and ``i`` from the calling parse_model frame
    and returns a plain :class:`yolo_dysample.DySample` with ``in_channels = ch[f]``. That is the same inference
    parse_model uses for its own layers, so it holds at every width scale. Checkpoints therefore pickle only
-   ``yolo_dysample.dysample.DySample``.
+   ``yolo_dysample.dysample.DySample``. We also wrap ``parse_model`` (in ``nn.tasks`` and the ``ultralytics.nn``
+   re-export). The wrapper adds ``model YAML layer <i>`` to an error raised while parse_model itself handles a
+   DySample row, e.g. ``ch[f]`` with a list ``from``; errors raised by DySampleRow already carry it.
    If this moves: registration checks that parse_model exists, calls ``globals()`` and has the locals ``ch``, ``f``,
-   ``i``, ``args``. If not, it raises :class:`UltralyticsIncompatibleError` naming the installed version. If
+   ``i``, ``m``, ``args``. If not, it raises :class:`UltralyticsIncompatibleError` naming the installed version. If
    ultralytics stops sending unknown modules to ``c2 = ch[f]``, model outputs get the wrong channel count and the
    YAML build tests fail.
 2. **YAML lookup.** ``ultralytics.utils.checks.check_file`` finds a bare file name: it returns a local file first,
@@ -65,6 +67,7 @@ from yolo_dysample.dysample import DySample
 __all__ = [
     "BUNDLED_YAML_KINDS",
     "DySampleRow",
+    "SUPPORTED_ULTRALYTICS",
     "TESTED_ULTRALYTICS_VERSIONS",
     "UltralyticsIncompatibleError",
     "bundled_cfg_dir",
@@ -73,9 +76,10 @@ __all__ = [
     "register_with_ultralytics",
 ]
 
+SUPPORTED_ULTRALYTICS = ">=8.4.104,<8.5"  # as declared in pyproject.toml
 TESTED_ULTRALYTICS_VERSIONS = ("8.4.104", "8.4.190")  # oldest and newest release the test suite runs against
 BUNDLED_YAML_KINDS = ("models", "datasets")  # sub-folders of cfg/ whose files resolve by bare name
-PARSER_LOCALS = ("ch", "f", "i", "args")  # parse_model locals DySampleRow reads (args: sanity check only)
+PARSER_LOCALS = ("ch", "f", "i", "m", "args")  # parse_model locals we read: the row being built
 _MAX_FRAMES_TO_PARSER = 8  # DySampleRow.__new__ <- (genexpr for n > 1 repeats) <- parse_model
 _WRAPPED_MARK = "__yolo_dysample_wrapped__"
 
@@ -96,7 +100,7 @@ def _ultralytics_version() -> str:
 def _incompatible(what: str) -> UltralyticsIncompatibleError:
     return UltralyticsIncompatibleError(
         f"yolo-dysample cannot hook into ultralytics {_ultralytics_version()}: {what}. "
-        f"Supported: ultralytics>=8.4.104,<8.5 (tested {' and '.join(TESTED_ULTRALYTICS_VERSIONS)}); "
+        f"Supported: ultralytics{SUPPORTED_ULTRALYTICS} (tested {' and '.join(TESTED_ULTRALYTICS_VERSIONS)}); "
         f"install a supported release or update yolo-dysample."
     )
 
@@ -135,6 +139,7 @@ class DySampleRow(nn.Module):
     Examples:
         >>> from ultralytics import YOLO
         >>> model = YOLO("yolov8n-dysample.yaml")  # rows: [-1, 1, DySample, [2, "lp", 4, False]]
+
     """
 
     def __new__(cls, *args):
@@ -153,6 +158,56 @@ class DySampleRow(nn.Module):
             raise type(error)(
                 f"{where}: {error} (args are [scale, style, groups, dyscope], in_channels={in_channels} inferred)"
             ) from error
+
+
+def _failing_dysample_row(traceback) -> tuple[int, object, object] | None:
+    """``(i, f, args)`` if ``traceback`` runs through parse_model while it was building a DySample row."""
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == "parse_model" and frame.f_globals.get("__name__") == "ultralytics.nn.tasks":
+            parser_locals = frame.f_locals
+            if parser_locals.get("m") is DySampleRow:
+                return parser_locals.get("i"), parser_locals.get("f"), parser_locals.get("args")
+            return None
+        traceback = traceback.tb_next
+    return None
+
+
+def _wrap_parse_model(parse_model):
+    @functools.wraps(parse_model)
+    def parse_model_naming_dysample_rows(*args, **kwargs):
+        try:
+            return parse_model(*args, **kwargs)
+        except (TypeError, ValueError, IndexError, KeyError) as error:
+            row = _failing_dysample_row(error.__traceback__)
+            if row is None or "model YAML layer" in str(error):
+                raise
+            layer_index, from_index, row_args = row
+            raise type(error)(
+                f"model YAML layer {layer_index} ([{from_index}, ..., DySample, {row_args}]): {error}"
+            ) from error
+
+    setattr(parse_model_naming_dysample_rows, _WRAPPED_MARK, True)
+    return parse_model_naming_dysample_rows
+
+
+def _wrap_everywhere(home, name: str, make_wrapper) -> None:
+    """Replace function ``name`` of module ``home`` by ``make_wrapper(it)``, once, wherever it is held.
+
+    Every loaded ``ultralytics.*`` module that holds the original gets the wrapper: a module that did
+    ``from ... import name`` has its own reference.
+    """
+    current = getattr(home, name, None)
+    if not callable(current):
+        raise _incompatible(f"{home.__name__}.{name} is missing")
+    if getattr(current, _WRAPPED_MARK, False):
+        wrapped, original = current, current.__wrapped__
+    else:
+        wrapped, original = make_wrapper(current), current
+    for module_name, module in list(sys.modules.items()):
+        if module_name == "ultralytics" or module_name.startswith("ultralytics."):
+            if vars(module).get(name) is original:
+                setattr(module, name, wrapped)
 
 
 def _check_parser(tasks) -> None:
@@ -220,17 +275,7 @@ def _wrap_check_file(check_file):
 
 
 def _patch_yaml_lookup(checks) -> None:
-    original = getattr(checks, "check_file", None)
-    if not callable(original):
-        raise _incompatible("ultralytics.utils.checks.check_file is missing")
-    if getattr(original, _WRAPPED_MARK, False):
-        wrapped, original = original, original.__wrapped__
-    else:
-        wrapped = _wrap_check_file(original)
-        checks.check_file = wrapped  # check_yaml and later `from ... import check_file` see the wrapper
-    for name, module in list(sys.modules.items()):  # modules that imported the original by name before us
-        if (name == "ultralytics" or name.startswith("ultralytics.")) and vars(module).get("check_file") is original:
-            module.check_file = wrapped
+    _wrap_everywhere(checks, "check_file", _wrap_check_file)  # check_yaml calls checks.check_file
 
 
 # ------------------------------------------------------------------------------------------------ restricted load
@@ -272,6 +317,7 @@ def register_with_ultralytics() -> None:
         >>> register_with_ultralytics()
         >>> from ultralytics import YOLO
         >>> model = YOLO("yolo11s-seg-dysample.yaml")
+
     """
     from ultralytics.nn import tasks
     from ultralytics.utils import checks
@@ -279,5 +325,6 @@ def register_with_ultralytics() -> None:
     _check_parser(tasks)
     _patch_yaml_lookup(checks)
     _allow_in_restricted_load()
+    _wrap_everywhere(tasks, "parse_model", _wrap_parse_model)  # errors in a DySample row name the layer
     _choose_sampler_on_export()  # export sampler section
     tasks.DySample = DySampleRow  # parse_model: globals()["DySample"]
