@@ -9,8 +9,9 @@ For YOLOv8n, YOLOv8s and YOLO11n, the stock model and the four DySample variants
   2 FLOPs per multiply-add of its offset/scope projection and 8 FLOPs (4 multiply-adds: four
   neighbours, one weight each) per sampled output value;
 - PyTorch CPU latency, batch 1 at 640, fused (Conv+BN) eval model under ``torch.no_grad``;
-- ONNX Runtime CPU latency of the same fused model exported with ``torch.onnx.export`` (opset 17,
-  DySample as ONNX ``GridSample``), graph optimisations on, the same thread count;
+- ONNX Runtime CPU latency of the same fused model exported with ``torch.onnx.export`` (opset 17),
+  DySample once as ONNX ``GridSample`` and once as the export-safe ``gather`` sampler, graph
+  optimisations on, the same thread count;
 - training-step time and peak memory: forward, Ultralytics' detection loss on synthetic boxes,
   backward and an SGD step, batch ``--train-batch`` at ``--train-imgsz``; peak memory is peak RSS
   above the resident size before the step, in a child process (see ``bench_common``).
@@ -171,17 +172,19 @@ def inference_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).fuse(verbose=False).eval()
 
 
-def onnx_session(model: nn.Module, threads: int):
-    """An ONNX Runtime CPU session of ``model`` (fused, Detect in export mode)."""
+def onnx_session(model: nn.Module, threads: int, sampler: str = "grid_sample"):
+    """An ONNX Runtime CPU session of ``model`` (fused, Detect in export mode, DySample with ``sampler``)."""
     import onnxruntime
     from ultralytics.nn.modules import Detect
+
+    from yolo_dysample.gather_sampling import use_sampler
 
     exported = inference_model(model)
     for module in exported.modules():
         if isinstance(module, Detect):
             module.export, module.format = True, "onnx"
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), use_sampler(exported, sampler):
         torch.onnx.export(
             exported,
             torch.zeros(1, 3, IMGSZ, IMGSZ),
@@ -270,6 +273,13 @@ def measure_family(model_name: str, arguments: argparse.Namespace, device: torch
 
     if not arguments.skip_onnx:
         sessions = {variant: onnx_session(model, arguments.threads) for variant, model in models.items()}
+        sessions.update(  # the export-safe sampler (index arithmetic + Gather) instead of ONNX GridSample
+            {
+                f"{variant} (gather)": onnx_session(model, arguments.threads, "gather")
+                for variant, model in models.items()
+                if variant != "stock"
+            }
+        )
         feed = {"images": images.numpy()}
         samples = interleaved_latency(
             {variant: (lambda s: lambda: s.run(None, feed))(session) for variant, session in sessions.items()},
@@ -293,8 +303,8 @@ def results_table(results: dict, memory: dict | None, arguments: argparse.Namesp
     header = "| Model | Params | GFLOPs (thop + DySample) | PyTorch (ms) | × stock |"
     rule = "|---|---:|---:|---:|---:|"
     if not arguments.skip_onnx:
-        header += " ONNX Runtime (ms) | × stock |"
-        rule += "---:|---:|"
+        header += " ONNX Runtime (ms) | × stock | ORT, gather sampler (ms) | × stock |"
+        rule += "---:|---:|---:|---:|"
     header += " Train step (s) | × stock |"
     rule += "---:|---:|"
     if memory:
@@ -313,6 +323,8 @@ def results_table(results: dict, memory: dict | None, arguments: argparse.Namesp
             if not arguments.skip_onnx:
                 ort_latency = family["onnxruntime_latency"][variant]
                 row += f" {ort_latency['ms']:.1f} | {format_ratio(ort_latency['ratio'])} |"
+                gather = family["onnxruntime_latency"].get(f"{variant} (gather)")
+                row += f" {gather['ms']:.1f} | {format_ratio(gather['ratio'])} |" if gather else " | |"
             step = family["train_step"][variant]
             row += f" {step['ms'] / 1e3:.2f} | {format_ratio(step['ratio'])} |"
             if memory:
@@ -398,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         f"GFLOPs at {IMGSZ}: Ultralytics' thop count + what thop misses in DySample, 2 FLOPs per multiply-add of the",
         "offset (and scope) projection as it runs (a `(2*groups*scale^2 [x2 with dynamic scope]) x C` matrix product",
         "per input pixel, also for PL) and 8 FLOPs (4 multiply-adds) per sampled output value of `grid_sample`.",
-        f"Latency: batch 1, {IMGSZ} x {IMGSZ}, fused model; ONNX: `torch.onnx.export` opset {ONNX_OPSET}.",
+        f"Latency: batch 1, {IMGSZ} x {IMGSZ}, fused model; ONNX: `torch.onnx.export` opset {ONNX_OPSET}, DySample as",
+        "ONNX `GridSample` or, in the gather column, as the export-safe sampler (`yolo_dysample/gather_sampling.py`).",
         "Train peak: peak RSS above the resident size before the step (model, optimizer state and batch excluded).",
         "",
     ]

@@ -61,7 +61,7 @@ SIZE_CURVE_CHANNELS = 256
 BATCH_CURVE = {"full": (1, 2, 4, 8, 16), "quick": (1, 4)}
 BATCH_CURVE_SHAPE = (128, 40, 40)
 NECK_MODELS = ("yolov8n.yaml", "yolov8s.yaml")
-SECTIONS = ("paper", "neck", "curves")
+SECTIONS = ("paper", "pieces", "neck", "curves")
 MODES = ("forward", "train")  # train: forward + backward of a given output gradient
 # Targets of issue 5, as ratios to bilinear interpolation at the paper's setting (CPU).
 TARGETS = (
@@ -206,6 +206,60 @@ def measure_memory(
     for name, _, mode, peak in results:
         memory[mode][name] = mebibytes(peak)
     return memory
+
+
+def dysample_pieces(arguments: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """Forward latency of DySample's parts at the paper setting, bilinear interpolation alongside.
+
+    ``offsets``: the 1x1 projection(s); ``grid``: turning offsets into ``grid_sample`` points;
+    ``grid_sample``: the sampling; ``forward``: the whole module. For a ``--before`` revision the parts
+    are its ``sample_offsets`` and ``sampling_grid``.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(PAPER_SHAPE, device=device)
+    batch, channels, height, width = PAPER_SHAPE
+    candidates = {
+        "bilinear": lambda: torch.nn.functional.interpolate(x, scale_factor=SCALE, mode="bilinear", align_corners=False)
+    }
+    revisions = [""] + ([f"@{arguments.before}"] if arguments.before else [])
+    for variant in ("dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+"):
+        for revision in revisions:
+            module = build_upsampler(variant + revision, channels, SCALE).to(device).eval()
+            grouped = x.reshape(batch * module.groups, channels // module.groups, height, width)
+            if revision:  # the public two-step API of the earlier file
+                offsets_of, grid_of = module.sample_offsets, module.sampling_grid
+            else:  # what forward runs
+                offsets_of, grid_of = module._grouped_offsets, module._grouped_sampling_grid
+            with torch.no_grad():
+                offsets = offsets_of(x)
+                grid = grid_of(x, offsets)
+            name = variant + revision
+            candidates[f"{name} offsets"] = lambda offsets_of=offsets_of: offsets_of(x)
+            candidates[f"{name} grid"] = lambda grid_of=grid_of, offsets=offsets: grid_of(x, offsets)
+            candidates[f"{name} grid_sample"] = lambda grouped=grouped, grid=grid: torch.nn.functional.grid_sample(
+                grouped, grid, mode="bilinear", padding_mode="border", align_corners=False
+            )
+            candidates[f"{name} forward"] = lambda module=module: module(x)
+    with torch.no_grad():
+        samples = interleaved_latency(candidates, device, arguments.rounds, arguments.min_block)
+    return {
+        name: {"ms": median_ms(values), "ratio": median_ratio(values, samples[REFERENCE])}
+        for name, values in samples.items()
+    }
+
+
+def pieces_table(pieces: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| DySample | offsets (ms) | grid (ms) | grid_sample (ms) | forward (ms) | forward × bilinear |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    names = list(dict.fromkeys(name.rsplit(" ", 1)[0] for name in pieces if name != REFERENCE))  # in order
+    names = [name for name in names if "@" not in name] + [name for name in names if "@" in name]
+    for name in names:
+        cells = [f"{pieces[f'{name} {part}']['ms']:.2f}" for part in ("offsets", "grid", "grid_sample", "forward")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {format_ratio(pieces[f'{name} forward']['ratio'])} |")
+    lines.append(f"| bilinear (F.interpolate) | | | | {pieces[REFERENCE]['ms']:.2f} | 1.00x |")
+    return lines
 
 
 def neck_shapes(imgsz: int = 640) -> dict[str, tuple[int, int, int, int]]:
@@ -378,6 +432,24 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
         raw["paper"] = {"shape": PAPER_SHAPE, "latency": paper, "memory_mib": paper_memory, "static": static}
+
+    if "pieces" in arguments.sections:
+        print(f"\n[pieces] DySample's parts at {PAPER_SHAPE}", flush=True)
+        if arguments.before and "paper" not in arguments.sections:
+            add_dysample_revision(arguments.before)
+        pieces = dysample_pieces(arguments, device)
+        table = pieces_table(pieces)
+        print("\n".join(table))
+        report += [
+            f"## DySample's parts, forward at {'x'.join(map(str, PAPER_SHAPE))} (no autograd)",
+            "",
+            *table,
+            "",
+            "offsets: the 1x1 projection(s) with the scope; grid: offsets to `grid_sample` points; grid_sample: the",
+            "sampling alone; forward: the whole module (all four measured in the same interleaved rounds).",
+            "",
+        ]
+        raw["pieces"] = pieces
 
     if "neck" in arguments.sections:
         print("\n[neck] YOLOv8n / YOLOv8s neck shapes at 640", flush=True)
