@@ -33,7 +33,7 @@ final_metrics.png in <project>/<name>/.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``yolo-dysample`` and its subcommands."""
+    """Build the argument parser of ``yolo-dysample`` and its subcommands."""
     from yolo_dysample.compare import DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VARIANTS, DYSAMPLE_VARIANTS, PRESETS
 
     parser = argparse.ArgumentParser(
