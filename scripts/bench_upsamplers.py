@@ -491,8 +491,7 @@ def main(argv: list[str] | None = None) -> None:
 
     elapsed = time.time() - started
     command = "python scripts/bench_upsamplers.py" + (" --quick" if arguments.quick else "")
-    if arguments.threads != os.cpu_count():
-        command += f" --threads {arguments.threads}"
+    command += f" --threads {arguments.threads}"
     if arguments.system_allocator:
         command += " --system-allocator"
     if arguments.before:

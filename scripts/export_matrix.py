@@ -569,6 +569,16 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+
+def _sampler_cost_table(title: str, grid_sample_name: str, rows: list[dict]) -> list[str]:
+    """Markdown lines comparing the grid-sample and gather samplers, one row per input shape."""
+    lines = ["", title, "", f"| input | {grid_sample_name} | gather | gather / {grid_sample_name} |"]
+    lines.append("| --- | --- | --- | --- |")
+    for row in rows:
+        ratio = row["gather"] / row["grid_sample"]
+        lines.append(f"| {row['input']} | {row['grid_sample']:.2f} | {row['gather']:.2f} | {ratio:.2f} |")
+    return lines
+
 def render_tables(
     results: list[dict], layer_cost: list[dict], model_cost: list[dict], onnx_layer: list[dict] | None = None
 ) -> str:
@@ -637,29 +647,16 @@ def render_tables(
             cells.append(_cell(text))
         lines.append(f"| {_cell(name)} | {cells[0]} | {cells[1]} |")
     if layer_cost:
-        lines += [
-            "",
-            "### Cost of the gather sampler",
-            "",
-            "One DySample layer (LP, dynamic scope) in PyTorch on CPU, best of 30 runs, ms:",
-            "",
-            "| input | grid_sample | gather | gather / grid_sample |",
-            "| --- | --- | --- | --- |",
-        ]
-        for row in layer_cost:
-            ratio = row["gather"] / row["grid_sample"]
-            lines.append(f"| {row['input']} | {row['grid_sample']:.2f} | {row['gather']:.2f} | {ratio:.2f} |")
+        lines += ["", "### Cost of the gather sampler"]
+        lines += _sampler_cost_table(
+            "One DySample layer (LP, dynamic scope) in PyTorch on CPU, best of 30 runs, ms:", "grid_sample", layer_cost
+        )
     if onnx_layer:
-        lines += [
-            "",
+        lines += _sampler_cost_table(
             "The same layer exported to ONNX (opset 17) and run by ONNX Runtime on CPU, best of 30 runs, ms:",
-            "",
-            "| input | GridSample | gather | gather / GridSample |",
-            "| --- | --- | --- | --- |",
-        ]
-        for row in onnx_layer:
-            ratio = row["gather"] / row["grid_sample"]
-            lines.append(f"| {row['input']} | {row['grid_sample']:.2f} | {row['gather']:.2f} | {ratio:.2f} |")
+            "GridSample",
+            onnx_layer,
+        )
     if model_cost:
         lines += [
             "",

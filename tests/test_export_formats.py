@@ -186,12 +186,6 @@ def test_openvino_export_matches_pytorch(
     export_and_compare(case_name, dysample_checkpoint, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ncnn cannot run DySample yet: pnnx leaves torch.baddbmm as an unknown layer and ncnn rejects the "
-    "rank-5..7 reshapes/permutes of DySample's offset and grid arithmetic (docs/export_matrix.md); "
-    "ncnn has GridSample but no dynamic gather, so the gather sampler cannot help",
-)
 def test_ncnn_export_matches_pytorch(dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
     export_and_compare("ncnn", dysample_checkpoint, tmp_path)
 

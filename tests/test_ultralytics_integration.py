@@ -233,6 +233,46 @@ def test_explicit_import_registers_when_autoload_is_off(run_python, tmp_path):
     assert DYSAMPLE_CLASS in report["layers"]
 
 
+WRITE_DDP_SCRIPT = """
+import sys
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils.dist import generate_ddp_file
+
+overrides = dict(
+    model="yolov8n-dysample.yaml", data="dysample-shapes.yaml", epochs=1, imgsz=64, batch=8, fraction=0.1,
+    workers=0, device="cpu", plots=False, val=False, project=sys.argv[1], name="ddp",
+)
+trainer = DetectionTrainer(overrides=overrides)
+assert isinstance(trainer.model, str), "the DDP worker must build the model from the YAML name itself"
+print("DDP_FILE " + generate_ddp_file(trainer))
+"""
+
+
+@pytest.mark.slow
+def test_script_ultralytics_writes_for_ddp_workers_trains_a_dysample_model(run_python, tmp_path):
+    # The file ultralytics runs in every multi-GPU worker imports only ultralytics and builds the model from its
+    # YAML name: DySample must be registered there. Run on CPU, in one process, it trains like a worker.
+    written = run_python(WRITE_DDP_SCRIPT, tmp_path / "runs", cwd=tmp_path)
+    ddp_file = next(line for line in written.stdout.splitlines() if line.startswith("DDP_FILE "))[len("DDP_FILE ") :]
+    assert not re.search(r"(import|from) yolo_dysample", Path(ddp_file).read_text())  # the worker never imports us
+
+    # (On 8.4.190 the worker also imports yolo_dysample while unpickling the trainer's callbacks, which include
+    # our export callback, so the hook is not the only way in; on older releases it is.)
+    worker = subprocess.run(
+        [sys.executable, ddp_file], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_clean_environment()
+    )
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    (last,) = (tmp_path / "runs").glob("ddp*/weights/last.pt")
+    trained = torch.load(last, map_location="cpu", weights_only=False)["model"]
+    assert sum(isinstance(m, DySample) for m in trained.modules()) == 2
+
+
+def _clean_environment() -> dict[str, str]:
+    import os
+
+    return {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+
+
 def test_process_that_never_imports_ultralytics_loads_nothing_heavy(run_python, tmp_path):
     roots = ("torch", "ultralytics", "yolo_dysample", "numpy", "_yolo_dysample_autoload")
     script = f"import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {roots}))"

@@ -45,6 +45,13 @@ def _as_whole_number(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, which TorchScript cannot compile; scripted code gets ``False``."""
+    if not torch.jit.is_scripting():
+        return torch.onnx.is_in_onnx_export()
+    return False
+
+
 class DySample(nn.Module):
     """Learned point-sampling upsampler (DySample, ICCV 2023).
 
@@ -149,60 +156,72 @@ class DySample(nn.Module):
         )
 
     def _projection(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One of the 1x1 convs as a ``(2 * groups * s**2, in_channels)`` matrix on ``X`` and its bias.
+        """One of the 1x1 convs as a ``(2 * groups * s**2, in_channels, 1, 1)`` conv weight on ``X`` and its bias.
 
-        Rows are ordered ``(group, sub-pixel, axis)``, the order ``grid_sample``'s grid needs, so
-        building the grid costs one cheap copy. PL's conv on ``pixel_shuffle(X)`` becomes a
-        block-structured matrix on ``X`` itself (sub-pixel ``k`` of output ``j`` reads channels
-        ``c * s**2 + k`` with weight ``W[j, c]``): no pixel_shuffle / pixel_unshuffle round trip.
+        Output channels are ordered ``(group, sub-pixel, axis)``, the order from which two rank-4
+        copies build ``grid_sample``'s grid (the checkpoint's ``(axis, group, sub-pixel)`` needs a slow
+        ``pixel_shuffle`` per axis and a ``stack``). PL's conv on ``pixel_shuffle(X)`` becomes a
+        block-structured weight on ``X`` (sub-pixel ``k`` of output ``j`` reads channels ``c * s**2 + k``
+        with weight ``W[j, c]``): no pixel_shuffle / pixel_unshuffle round trip. Every intermediate has
+        rank <= 4.
         """
         groups, sub_pixels = self.groups, self.scale * self.scale
         if bias is None:  # TorchScript types a conv's bias as optional; ours always have one
-            bias = weight.new_zeros(weight.shape[0])
+            bias = torch.zeros_like(weight[:, 0, 0, 0])
         if self.pixel_shuffle_first:
-            weight = weight.reshape(2, groups, 1, -1, 1)  # (axis, group, 1, C / s^2, 1)
+            rows = weight.shape[0]  # 2 * groups
             identity = torch.eye(sub_pixels, dtype=weight.dtype, device=weight.device)
-            matrix = (weight * identity.reshape(1, 1, sub_pixels, 1, sub_pixels)).permute(1, 2, 0, 3, 4)
-            bias = bias.reshape(2, groups, 1).permute(1, 2, 0).expand(groups, sub_pixels, 2)
-        else:
-            matrix = weight.reshape(2, groups, sub_pixels, -1).permute(1, 2, 0, 3)  # (group, sub-pixel, axis, C)
-            bias = bias.reshape(2, groups, sub_pixels).permute(1, 2, 0)
-        return matrix.reshape(-1, self.in_channels), bias.reshape(-1, 1)
+            weight = weight.reshape(rows, 1, -1, 1) * identity.reshape(1, sub_pixels, 1, sub_pixels)
+            bias = bias.reshape(rows, 1).expand(rows, sub_pixels)
+        weight = weight.reshape(2, groups, sub_pixels, self.in_channels).permute(1, 2, 0, 3)  # (g, s^2, axis, C)
+        bias = bias.reshape(2, groups, sub_pixels).permute(1, 2, 0)
+        return weight.reshape(-1, self.in_channels, 1, 1), bias.reshape(-1)
 
     def _grouped_offsets(self, x: torch.Tensor) -> torch.Tensor:
-        """Offsets O in input pixels, shape ``(B, groups, s**2, 2, H * W)`` (axis last but one).
+        """Offsets O in input pixels, shape ``(B, 2 * groups * s**2, H, W)``, channels ``(group, sub-pixel, axis)``.
 
-        Both convs run as one batched matrix product on ``X`` with the scope factor folded into
-        the weights: ``0.25 * (W X + b) = (0.25 W) X + 0.25 b``.
+        Both convs run as one 1x1 convolution on ``X`` with the scope factor folded into the
+        weights: ``0.25 * (W X + b) = (0.25 W) X + 0.25 b`` (exact: a power of two).
         """
-        batch, _, height, width = x.shape
         rows = 2 * self.groups * self.scale * self.scale
-        matrix, bias = self._projection(self.offset.weight, self.offset.bias)
-        matrix, bias = matrix * self.offset_scale, bias * self.offset_scale
+        weight, bias = self._projection(self.offset.weight, self.offset.bias)
+        weight, bias = weight * self.offset_scale, bias * self.offset_scale
         if self.scope is not None:
-            scope_matrix, scope_bias = self._projection(self.scope.weight, self.scope.bias)
-            matrix, bias = torch.cat((matrix, scope_matrix)), torch.cat((bias, scope_bias))
-        projected = torch.baddbmm(bias, matrix.expand(batch, -1, -1), x.flatten(2))  # (B, rows, H*W)
-        offsets = projected[:, :rows]
-        if self.scope is not None:
-            offsets = offsets * projected[:, rows:].sigmoid()  # 0.5 * sigmoid(scope(X)) * offset(X)
-        return offsets.reshape(batch, self.groups, -1, 2, height * width)
+            scope_weight, scope_bias = self._projection(self.scope.weight, self.scope.bias)
+            weight, bias = torch.cat((weight, scope_weight)), torch.cat((bias, scope_bias))
+        projected = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, rows or 2 * rows, H, W)
+        if self.scope is None:
+            return projected
+        return projected[:, :rows] * projected[:, rows:].sigmoid()  # 0.5 * sigmoid(scope(X)) * offset(X)
 
     def _grouped_sampling_grid(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``grid_sample`` points from offsets shaped ``(B, groups, s**2, 2, H * W)``."""
+        """``grid_sample`` points, ``(B * groups, s*H, s*W, 2)``, from offsets ordered ``(group, sub-pixel, axis)``.
+
+        Sizes come from the data (a cumulative sum of ones), not from Python integers: no ``arange``,
+        no division by a traced size, and a traced graph serves every resolution. Rank <= 4 throughout.
+        """
         batch, _, height, width = x.shape
+        groups, scale = self.groups, self.scale
         coordinate_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: pixel arithmetic in float32
-        initial = self.init_pos.reshape(2, self.groups, -1, 1).permute(1, 2, 0, 3)  # G: (groups, s^2, 2, 1)
-        column_centres = torch.arange(width, dtype=coordinate_dtype, device=x.device) + 0.5  # pixel centres
-        row_centres = torch.arange(height, dtype=coordinate_dtype, device=x.device) + 0.5
-        centres = torch.stack((column_centres.expand(height, width), row_centres.unsqueeze(1).expand(height, width)))
-        unit = x.new_ones([1], dtype=coordinate_dtype)
-        to_unit_range = torch.cat((unit * (2.0 / width), unit * (2.0 / height))).reshape(2, 1)  # 2 / size per axis
-        # 2 p / size - 1: pixel units -> grid_sample's [-1, 1] (align_corners=False)
-        points = (offsets + initial + centres.reshape(2, -1)) * to_unit_range - 1.0  # (B, groups, s^2, 2, H*W)
-        grid = points.reshape(batch, self.groups, self.scale, self.scale, 2, height, width)
-        grid = grid.permute(0, 1, 5, 2, 6, 3, 4)  # (B, groups, H, sub-pixel row, W, sub-pixel column, axis)
-        return grid.reshape(batch * self.groups, self.scale * height, self.scale * width, 2).to(x.dtype)
+        points = offsets.to(coordinate_dtype).reshape(batch, groups * scale * scale, 2, height * width)
+        initial = self.init_pos.to(coordinate_dtype).reshape(2, -1).t().reshape(1, -1, 2, 1)  # G, (1, g s^2, 2, 1)
+        if _in_onnx_export():  # ONNX has CumSum from opset 11 only, Range (arange) from opset 9
+            column_counts = (torch.arange(width, dtype=coordinate_dtype, device=x.device) + 1.0).reshape(1, 1, 1, -1)
+            row_counts = (torch.arange(height, dtype=coordinate_dtype, device=x.device) + 1.0).reshape(1, 1, -1, 1)
+        else:  # no arange: LiteRT lacks the IOTA it lowers to
+            column_counts = torch.ones_like(x[:1, :1, :1, :], dtype=coordinate_dtype).cumsum(3)  # 1..W, (1, 1, 1, W)
+            row_counts = torch.ones_like(x[:1, :1, :, :1], dtype=coordinate_dtype).cumsum(2)  # 1..H, (1, 1, H, 1)
+        centres = torch.cat(  # pixel centres k + 0.5 = count - 0.5, x then y: (1, 1, 2, H*W)
+            ((column_counts - 0.5).expand(1, 1, height, width), (row_counts - 0.5).expand(1, 1, height, width)), 1
+        ).reshape(1, 1, 2, height * width)
+        sizes = torch.cat((column_counts[:, :, :, -1:], row_counts[:, :, -1:, :]), 1).reshape(1, 1, 2, 1)  # W, H
+        # 2 p / size - 1: pixel units -> grid_sample's [-1, 1] (align_corners=False); no 2 / size (x2paddle
+        # has no reciprocal)
+        points = (points + initial + centres) * 2.0 / sizes - 1.0  # (B, g s^2, 2, H*W): (b, g, i, j, axis, h, w)
+        # two rank-4 copies: (b g i, j axis, h, w) -> (b g i, h, w, j axis) -> (b g, h, i, w j axis)
+        points = points.reshape(batch * groups * scale, scale * 2, height, width).permute(0, 2, 3, 1)
+        points = points.reshape(batch * groups, scale, height, width * scale * 2).permute(0, 2, 1, 3)
+        return points.reshape(batch * groups, scale * height, scale * width, 2).to(x.dtype)
 
     def sample_offsets(self, x: torch.Tensor) -> torch.Tensor:
         """Learned offsets O in input pixels, shape ``(B, 2 * groups * scale**2, H, W)``.
@@ -210,8 +229,9 @@ class DySample(nn.Module):
         Channels are ordered ``(axis, group, sub-pixel)`` like :attr:`init_pos`.
         """
         batch, _, height, width = x.shape
-        offsets = self._grouped_offsets(x).reshape(batch, self.groups, -1, 2, height, width)
-        return offsets.permute(0, 3, 1, 2, 4, 5).reshape(batch, -1, height, width)
+        rows = 2 * self.groups * self.scale * self.scale
+        offsets = self._grouped_offsets(x).reshape(batch, rows // 2, 2, height * width).permute(0, 2, 1, 3)
+        return offsets.reshape(batch, rows, height, width)  # (axis, group, sub-pixel)
 
     def sampling_grid(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Normalised sampling points for ``grid_sample``, shape ``(B * groups, s*H, s*W, 2)``.
@@ -219,9 +239,9 @@ class DySample(nn.Module):
         ``offsets`` as :meth:`sample_offsets` returns them. Built from ``x``'s own shape, device and
         dtype, so a traced graph serves every resolution.
         """
-        batch, _, height, width = x.shape
-        by_group = offsets.reshape(batch, 2, self.groups, -1, height * width).permute(0, 2, 3, 1, 4)
-        return self._grouped_sampling_grid(x, by_group)
+        batch, rows, height, width = offsets.shape
+        by_group = offsets.reshape(batch, 2, rows // 2, height * width).permute(0, 2, 1, 3)
+        return self._grouped_sampling_grid(x, by_group.reshape(batch, rows, height, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Upsample ``x`` of shape ``(B, in_channels, H, W)`` to ``(B, in_channels, s*H, s*W)``."""
@@ -237,6 +257,20 @@ class DySample(nn.Module):
         grouped = x.reshape(batch * self.groups, channels // self.groups, height, width)
         if getattr(self, "sampler", "grid_sample") == "gather":  # getattr: modules pickled before the attribute
             out = grid_sample_by_gather(grouped, grid)
+        elif torch.jit.is_tracing() and self.groups > 1:
+            # Traced exports (pnnx -> ncnn, coremltools, x2paddle): one grid_sample per group on a batch of B.
+            # ncnn has no batch axis, a (B * groups)-batch GridSample crashes it. Eager keeps the single call:
+            # the concatenation copies the whole output.
+            out_height, out_width = self.scale * height, self.scale * width
+            grids = grid.reshape(batch, self.groups, out_height, out_width * 2)
+            features, group_grids = x.chunk(self.groups, 1), grids.chunk(self.groups, 1)  # pnnx has no narrow
+            parts = []
+            for group in range(self.groups):
+                group_grid = group_grids[group].reshape(batch, out_height, out_width, 2)
+                parts.append(
+                    F.grid_sample(features[group], group_grid, mode="bilinear", padding_mode="border", align_corners=False)
+                )
+            out = torch.cat(parts, 1)
         else:
             out = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.reshape(batch, channels, self.scale * height, self.scale * width)
