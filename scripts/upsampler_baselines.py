@@ -129,7 +129,9 @@ class CARAFE(nn.Module):
         kernels = kernels.permute(0, 3, 5, 1, 2, 4).contiguous()  # (B, s, s, k_up**2, H, W)
         padded = F.pad(x, (size // 2,) * 4)  # zeros outside the map
         # X shifted by (row - r, column - r) for every tap, row-major over the window like F.unfold: views
-        neighbours = [padded[:, :, row : row + height, column : column + width] for row in range(size) for column in range(size)]
+        neighbours = [
+            padded[:, :, row : row + height, column : column + width] for row in range(size) for column in range(size)
+        ]
         sub_pixel_outputs = []
         for sub_row in range(scale):
             for sub_column in range(scale):
