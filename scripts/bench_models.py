@@ -17,8 +17,9 @@ For YOLOv8n, YOLOv8s and YOLO11n, the stock model and the four DySample variants
   above the resident size before the step, in a child process (see ``bench_common``).
 
 Writes ``models.md`` and ``models.json`` to ``--output-dir`` (default ``docs/benchmarks``; ``--quick``:
-a temp dir) and prints the machine and versions. Default run: about 8 minutes on 2 idle cores;
-``--quick`` (YOLOv8n stock vs LP only, training at 320): about 1 minute.
+a temp dir) and prints the machine and versions. Default run: about 9 minutes with ``--threads 1`` on
+the busy 2-core development machine; ``--quick`` (YOLOv8n stock vs LP only, training at 320): about
+1 minute.
 
 Usage:
     python scripts/bench_models.py [--quick] [--threads N] [--models yolov8n yolo11n] [--skip-memory]

@@ -14,8 +14,9 @@ with interleaved rounds and medians (``scripts/bench_common.py``).
    P4 neck shape) for nearest, bilinear and DySample: latency ratio to bilinear.
 
 Writes ``upsamplers.md``, ``upsamplers.json`` and ``upsamplers.png`` to ``--output-dir`` (default
-``docs/benchmarks``) and prints the machine and versions. The default run takes about 5 minutes on
-2 idle cores; ``--quick`` (no CARAFE, fewer shapes and rounds) 1-2 minutes.
+``docs/benchmarks``) and prints the machine and versions. The default run takes about 5 minutes with
+``--threads 1`` on the busy 2-core development machine; ``--quick`` (no CARAFE, fewer shapes and
+rounds) 1-2 minutes.
 
 Usage:
     python scripts/bench_upsamplers.py [--quick] [--threads N] [--device cpu|cuda] [--skip-memory]
