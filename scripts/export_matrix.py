@@ -259,14 +259,19 @@ def median_latency_ms(backend, images, runs: int = LATENCY_RUNS) -> float:
     import torch
 
     with torch.no_grad():
-        for _ in range(3):
-            backend(images)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            backend(images)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        return statistics.median(wall_times_ms(lambda: backend(images), runs))
+
+
+def wall_times_ms(call, runs: int, warmup: int = 3) -> list[float]:
+    """Wall time of each of ``runs`` calls, in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def coreml_program_ops(exported: Path) -> dict:
@@ -526,14 +531,7 @@ def sampler_cost(repeats: int = 30) -> list[dict]:
         row = {"input": f"(1, {channels}, {size}, {size})"}
         for sampler in ("grid_sample", "gather"):
             with use_sampler(layer, sampler), torch.no_grad():
-                for _ in range(3):
-                    layer(features)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    layer(features)
-                    times.append((time.perf_counter() - start) * 1000)
-            row[sampler] = min(times)
+                row[sampler] = min(wall_times_ms(lambda: layer(features), repeats))
         rows.append(row)
     return rows
 
