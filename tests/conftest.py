@@ -46,6 +46,9 @@ os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_AUTOINSTALL"] = "0"
 os.environ.pop("YOLO_DYSAMPLE_AUTOLOAD", None)  # the tests that need it off set it per subprocess
 os.environ.pop("ULTRALYTICS_SAFE_LOAD", None)
+# DySample's CPU kernel is compiled once per test session into the session's own directory (never a stale build)
+os.environ["YOLO_DYSAMPLE_CACHE_DIR"] = str(_ULTRALYTICS_HOME / "kernel-cache")
+os.environ.pop("YOLO_DYSAMPLE_CPU_KERNEL", None)
 # One intra-op thread, as ultralytics itself sets for its processes: on a small shared CI machine, torch's spinning
 # thread pool otherwise burns 10x the CPU time for the same tiny models. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -108,6 +111,7 @@ def installed_yolo_dysample() -> importlib.metadata.Distribution:
     }
     shipped = {"_yolo_dysample_autoload.py", "yolo_dysample_autoload.pth"}
     shipped |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "yolo_dysample").glob("*.py")}
+    shipped |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "yolo_dysample" / "csrc").glob("*.cpp")}
     shipped |= {f"yolo_dysample/{p.relative_to(REPO_ROOT).as_posix()}" for p in (REPO_ROOT / "cfg").rglob("*.yaml")}
     assert installed == shipped, (
         f"installed files differ from this checkout: {sorted(installed ^ shipped)}; {reinstall}"

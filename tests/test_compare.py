@@ -137,7 +137,7 @@ def test_compare_writes_table_csv_and_plots_with_a_row_per_variant(finished_comp
     assert "mAP50(B)" in table_rows[0] and "mAP50-95(B)" in table_rows[0]
     assert [row.split("|")[1].strip() for row in table_rows[1:]] == ["stock", COMPARED_VARIANT]
     assert all("±" in row for row in table_rows[1:])  # two seeds: mean ± std
-    assert "grid_sample" in table  # the GFLOPs footnote says what thop misses
+    assert "thop rule" in table  # the GFLOPs footnote says how DySample is counted
     assert table in first.stdout  # the command prints the table at the end
 
     for plot in ("curves.png", "final_metrics.png"):

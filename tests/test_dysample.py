@@ -516,6 +516,50 @@ def test_traced_module_stays_correct_at_other_resolutions(style, dyscope):
         torch.testing.assert_close(traced(x), module(x), rtol=0, atol=1e-5)
 
 
+def grid_sampler_calls(traced: torch.jit.ScriptModule) -> int:
+    return [node.kind() for node in traced.inlined_graph.nodes()].count("aten::grid_sampler")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_a_users_trace_samples_every_group_with_one_grid_sample():
+    # One call on a (B * groups) batch; the per-group split is for ncnn only, switched on by the export hook.
+    module = DySample(16, scale=2, groups=4).eval()
+    assert grid_sampler_calls(torch.jit.trace(module, torch.randn(1, 16, 6, 8))) == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_grid_sample_per_group_gives_the_same_output_with_one_call_per_group(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).double().eval()
+    randomise(module, seed=75, offset_pixels=2.0)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    expected = module(x)
+    module.grid_sample_per_group = True
+    traced = torch.jit.trace(module, x)
+    assert grid_sampler_calls(traced) == 2
+    torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-12)
+    other = torch.randn(1, 16, 3, 4, dtype=torch.float64)  # the traced split serves other sizes too
+    torch.testing.assert_close(traced(other), module(other), rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_frozen_projection_gives_the_same_output_and_leaves_checkpoints_alone(style, dyscope):
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).double().eval()
+    randomise(module, seed=77, offset_pixels=2.0)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    expected, keys = module(x), set(module.state_dict())
+    module.freeze_projection()
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
+    assert set(module.state_dict()) == keys
+    # the traced conv reads the frozen buffers, not weights composed in the graph (what x2paddle needs)
+    graph = torch.jit.trace(module, x).graph
+    convolutions = [node for node in graph.nodes() if node.kind() in {"aten::_convolution", "aten::conv2d"}]
+    assert len(convolutions) == 1
+    weight_source = list(convolutions[0].inputs())[1].node()
+    assert weight_source.kind() == "prim::GetAttr" and weight_source.s("name") == "frozen_projection_weight"
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 @pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
 def test_scripted_module_matches_eager(style, dyscope):
@@ -540,6 +584,36 @@ def test_torch_export_with_dynamic_batch_and_resolution():
         for shape in [(1, 16, 9, 5), (4, 16, 3, 12), (2, 16, 6, 8)]:
             x = torch.randn(shape)
             torch.testing.assert_close(exported(x), module(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["grid_sample", "gather"])
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_litert_graph_builds_no_uint8_range(style, dyscope, sampler):
+    # format=litert: litert-torch takes the torch.export program (static shapes), decomposes it and lowers
+    # each aten.arange to stablehlo.iota. The converter folds iotas of int / float types into constants but
+    # keeps a uint8 one as a STABLEHLO_IOTA op, which ai-edge-litert 2.3.0 cannot run (measured). torch
+    # decomposes torch.eye into exactly that: arange(dtype=uint8) compared with itself.
+    from yolo_dysample.gather_sampling import set_sampler
+
+    module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).eval()
+    set_sampler(module, sampler)
+    program = torch.export.export(module, (torch.randn(1, 16, 6, 8),)).run_decompositions()
+    ranges = [node for node in program.graph.nodes if node.op == "call_function" and "arange" in str(node.target)]
+    assert [node.format_node() for node in ranges if node.kwargs.get("dtype") == torch.uint8] == []
+
+
+def test_module_pickled_before_the_identity_buffer_still_runs():
+    import pickle
+
+    module = DySample(16, scale=2, style="pl", groups=2).double().eval()
+    randomise(module, seed=95, offset_pixels=2.0)
+    x = torch.randn(1, 16, 3, 4, dtype=torch.float64)
+    expected = module(x)
+    del module.sub_pixel_identity  # what an older pickled checkpoint holds
+    restored = pickle.loads(pickle.dumps(module))
+    assert restored.sub_pixel_identity.dtype == torch.float64
+    assert "sub_pixel_identity" not in restored.state_dict()
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
 
 
 def test_torch_compile_captures_one_full_graph_for_every_resolution_and_trains():

@@ -7,9 +7,9 @@ on letterboxed ``bus.jpg`` / ``zidane.jpg``. The helpers live in ``scripts/expor
 writes the same checks for every format into ``docs/export_matrix.md``.
 
 Toolchains: onnx / onnxruntime / onnxslim come with the ``test`` extra. OpenVINO, ncnn (+ pnnx) and
-MNN are installed by the ``export_toolchains`` fixture from the pins of the ``export`` extra when
-missing (about 15 s of pip on CI); the heavier ones (TensorFlow, Paddle, Core ML, LiteRT) are only in
-the matrix script.
+MNN are installed by the ``export_toolchains`` fixture, PaddlePaddle + X2Paddle by ``paddle_toolchain``,
+from the pins of the ``export`` extra when missing (about 15 s and 7 s of pip); the heavier ones
+(TensorFlow, Core ML, LiteRT, ExecuTorch) are only in the matrix script.
 """
 
 from __future__ import annotations
@@ -35,23 +35,38 @@ sys.modules.setdefault("export_matrix", export_matrix)  # dataclasses look their
 _spec.loader.exec_module(export_matrix)
 
 CI_TOOLCHAINS = {"openvino": "openvino", "ncnn": "ncnn", "pnnx": "pnnx", "MNN": "MNN"}  # distribution -> module
+PADDLE_TOOLCHAIN = {"paddlepaddle": "paddle", "x2paddle": "x2paddle"}  # ~7 s of pip, ~730 MB on disk
 NO_DEPENDENCIES = {"ncnn", "pnnx"}  # as ultralytics installs them: ncnn would pull opencv-python
 
 
 def export_extra() -> dict[str, str]:
-    """The ``export`` extra of pyproject.toml: distribution name -> requirement string."""
+    """The ``export`` and ``paddle`` extras of pyproject.toml: distribution name -> requirement string."""
     text = (REPO / "pyproject.toml").read_text()
-    block = re.search(r"^export\s*=\s*\[(.*?)^\]", text, re.S | re.M)
-    assert block, "pyproject.toml has no [project.optional-dependencies] export list"
-    requirements = re.findall(r'"([^"]+)"', block.group(1))
-    return {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]: requirement for requirement in requirements}
+    pins = {}
+    for extra in ("export", "paddle"):
+        block = re.search(rf"^{extra}\s*=\s*\[(.*?)^\]", text, re.S | re.M)
+        assert block, f"pyproject.toml has no [project.optional-dependencies] {extra} list"
+        requirements = re.findall(r'"([^"]+)"', block.group(1))
+        pins |= {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0]: req for req in requirements}
+    return pins
 
 
 @pytest.fixture(scope="session")
 def export_toolchains() -> float:
     """Install the CPU runtimes these tests use, pinned as in the ``export`` extra; returns the pip seconds."""
+    return install_missing_toolchains(CI_TOOLCHAINS, "export_toolchains")
+
+
+@pytest.fixture(scope="session")
+def paddle_toolchain() -> float:
+    """Install PaddlePaddle and X2Paddle (``format=paddle``), pinned as in the ``export`` extra; the pip seconds."""
+    return install_missing_toolchains(PADDLE_TOOLCHAIN, "paddle_toolchain")
+
+
+def install_missing_toolchains(distributions: dict[str, str], label: str) -> float:
+    """pip install those of ``distributions`` that are missing, pinned as in the ``export`` extra; the seconds."""
     pins = export_extra()
-    missing = [name for name in CI_TOOLCHAINS if not _installed(name)]
+    missing = [name for name in distributions if not _installed(name)]
     started = time.perf_counter()
     for group in (
         [n for n in missing if n not in NO_DEPENDENCIES],
@@ -63,7 +78,7 @@ def export_toolchains() -> float:
             subprocess.run(command, check=True, timeout=600)
     seconds = time.perf_counter() - started
     if missing:
-        print(f"\nexport_toolchains: pip installed {missing} in {seconds:.1f} s")
+        print(f"\n{label}: pip installed {missing} in {seconds:.1f} s")
     return seconds
 
 
@@ -126,9 +141,14 @@ def test_torchscript_export_matches_pytorch(case_name, dysample_checkpoint, tmp_
     export_and_compare(case_name, dysample_checkpoint, tmp_path)
 
 
-def test_onnx_export_keeps_grid_sample_and_matches_pytorch(dysample_checkpoint, tmp_path, automatic_sampler):
+def test_onnx_export_keeps_one_grid_sample_per_layer_and_matches_pytorch(
+    dysample_checkpoint, tmp_path, automatic_sampler
+):
+    import onnx
+
     row = export_and_compare("onnx", dysample_checkpoint, tmp_path)
-    assert "GridSample" in onnx_op_types(row["exported"])
+    nodes = onnx.load(row["exported"]).graph.node
+    assert sum(node.op_type == "GridSample" for node in nodes) == 2  # two DySample layers, groups in the batch
 
 
 def test_onnx_without_simplify_matches_pytorch(dysample_checkpoint, tmp_path, automatic_sampler):
@@ -187,7 +207,15 @@ def test_openvino_export_matches_pytorch(
 
 
 def test_ncnn_export_matches_pytorch(dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
-    export_and_compare("ncnn", dysample_checkpoint, tmp_path)
+    row = export_and_compare("ncnn", dysample_checkpoint, tmp_path)
+    # ncnn has no batch axis: the export hook makes each of the 4 channel groups of both layers its own GridSample
+    (param,) = Path(row["exported"]).glob("*.param")
+    assert [line.split()[0] for line in param.read_text().splitlines()[2:]].count("GridSample") == 8
+
+
+def test_paddle_export_matches_pytorch(dysample_checkpoint, tmp_path, paddle_toolchain, automatic_sampler):
+    # x2paddle has no grid_sampler: the hook picks the gather sampler and freezes the offset projection
+    export_and_compare("paddle", dysample_checkpoint, tmp_path)
 
 
 @pytest.mark.parametrize("case_name", ["mnn", "mnn dynamic"])

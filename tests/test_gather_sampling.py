@@ -229,3 +229,37 @@ def test_export_callback_sets_the_format_sampler_and_leaves_stock_models_alone(m
     choose_sampler_for_export(FakeExporter(stock, "onnx", opset=too_low))  # no DySample: no opinion, no error
     with pytest.raises(ValueError, match="opset"):
         choose_sampler_for_export(FakeExporter(model, "onnx", opset=too_low))
+
+
+def test_export_callback_splits_grid_sample_for_ncnn_only_and_freezes_the_projection_for_paddle(monkeypatch):
+    monkeypatch.delenv(SAMPLER_ENVIRONMENT_VARIABLE, raising=False)
+    model = torch.nn.Sequential(DySample(16), DySample(16, style="pl"))
+    assert [layer.grid_sample_per_group for layer in model] == [False, False]  # a user's trace: one call per layer
+    choose_sampler_for_export(FakeExporter(model, "ncnn"))
+    assert [layer.grid_sample_per_group for layer in model] == [True, True]
+    for export_format in ("onnx", "torchscript", "openvino", "coreml", "mnn"):
+        choose_sampler_for_export(FakeExporter(model, export_format))
+        assert [layer.grid_sample_per_group for layer in model] == [False, False], export_format
+    assert not any(hasattr(layer, "frozen_projection_weight") for layer in model)
+    choose_sampler_for_export(FakeExporter(model, "paddle"))
+    assert all(hasattr(layer, "frozen_projection_weight") for layer in model)
+    assert [layer.sampler for layer in model] == ["gather", "gather"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize("dyscope", [False, True])
+def test_paddle_export_graph_has_none_of_the_ops_x2paddle_fails_on(monkeypatch, dyscope):
+    # What x2paddle 1.6.0 (format=paddle) traces, after the export hook. Each op below stopped it (measured):
+    # ones_like has no converter; index_select converts to a prim.index_select its code generator lacks;
+    # floor becomes Python's math.floor on a tensor; a conv whose weight is computed in the graph needs its
+    # bias as a constant (KeyError), and paddle's optimiser then mis-types the composed weight.
+    monkeypatch.delenv(SAMPLER_ENVIRONMENT_VARIABLE, raising=False)
+    model = torch.nn.Sequential(DySample(16, dyscope=dyscope), DySample(16, style="pl", dyscope=dyscope)).eval()
+    choose_sampler_for_export(FakeExporter(model, "paddle"))
+    graph = torch.jit.trace(model, torch.randn(1, 16, 5, 6)).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert kinds.isdisjoint({"aten::ones_like", "aten::index_select", "aten::floor", "aten::grid_sampler"})
+    for node in graph.nodes():
+        if node.kind() in {"aten::_convolution", "aten::conv2d"}:
+            weight, bias = (list(node.inputs())[index].node() for index in (1, 2))
+            assert weight.kind() == bias.kind() == "prim::GetAttr", node

@@ -385,3 +385,28 @@ def test_wheel_ships_the_yamls_and_the_autoload_hook(built_wheel):
     assert {"yolo_dysample_autoload.pth", "_yolo_dysample_autoload.py", "yolo_dysample/ultralytics_adapter.py"} <= names
     pth = zipfile.ZipFile(built_wheel).read("yolo_dysample_autoload.pth").decode()
     assert pth.count("\n") == 1 and pth.startswith("import _yolo_dysample_autoload;")  # one line, one tiny import
+
+
+# ---------------------------------------------------------------------------------------------------- GFLOPs (thop)
+@pytest.mark.parametrize(
+    ("yaml_name", "convs"),
+    [("yolov8n-dysample.yaml", 1), ("yolov8n-dysample-plus.yaml", 2), ("yolov8n-dysample-s.yaml", 1)],
+)
+def test_model_gflops_count_dysample_projection_and_sampling(yaml_name, convs):
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import get_flops
+
+    register_with_ultralytics()
+    stock = DetectionModel("yolov8n.yaml", verbose=False)
+    twin = DetectionModel(yaml_name, verbose=False)
+    layers = [m for m in twin.modules() if isinstance(m, DySample)]
+    assert len(layers) == 2
+    # by hand, at 640: the layers see stride-32 and stride-16 maps; per layer the projection as run
+    # (convs x 32 rows x C per input pixel) plus 4 multiply-adds per output value; 2 FLOPs per multiply-add
+    multiply_adds = 0
+    for layer, size in zip(layers, (640 // 32, 640 // 16), strict=True):
+        pixels = size * size
+        multiply_adds += convs * 32 * layer.in_channels * pixels + 4 * layer.in_channels * 4 * pixels
+    added = get_flops(twin, 640) - get_flops(stock, 640)
+    assert added == pytest.approx(2 * multiply_adds / 1e9, rel=1e-6)
+    assert added > 0.02  # thop alone (no rule) counts 0 for DySample

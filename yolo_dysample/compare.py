@@ -985,9 +985,9 @@ def _markdown_table(
         "over the seeds (no ± with a single seed); Δ is the difference of the means.",
         "",
         "¹ Ultralytics `model.info()` (thop) of the fused model at imgsz "
-        f"{shared_settings['imgsz']}. thop does not count `F.grid_sample`, nor other DySample arithmetic it has no "
-        "rule for, so the DySample figures are lower bounds: by thop's count the variants add "
-        f"{_gflops_added_text(summary)} GFLOPs to the stock model.",
+        f"{shared_settings['imgsz']}. DySample is counted by yolo_dysample's thop rule: its offset (and scope) "
+        "projection as it runs plus 4 multiply-adds per sampled output value (`grid_sample` or the CPU kernel); "
+        f"the variants add {_gflops_added_text(summary)} GFLOPs to the stock model.",
         f"² Median of {latency_runs} batch-1 forward passes of the fused fp32 model at imgsz "
         f"{shared_settings['imgsz']} (no pre/post-processing) on {', '.join(devices)}, after {LATENCY_WARMUP} "
         "warm-up passes; on a shared machine it varies with the load.",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yolo_dysample.cpu_sampling import kernel_applies, sample_with_kernel
 from yolo_dysample.gather_sampling import grid_sample_by_gather
 
 __all__ = ["DySample", "STYLES"]
@@ -121,6 +122,9 @@ class DySample(nn.Module):
         self.groups = groups
         self.dyscope = dyscope
         self.sampler = "grid_sample"  # or "gather" (export-safe twin); see gather_sampling.set_sampler
+        # One grid_sample per channel group instead of one on a (B * groups) batch: ncnn has no batch axis. The
+        # export hook sets it on the exporter's copy for ncnn only (gather_sampling.choose_sampler_for_export).
+        self.grid_sample_per_group = False
         self.pixel_shuffle_first = style == "pl"
         self.offset_scale = DYNAMIC_SCOPE if dyscope else STATIC_SCOPE
 
@@ -134,6 +138,9 @@ class DySample(nn.Module):
             nn.init.zeros_(self.scope.bias)
         # Persistent: the authors' checkpoints carry it, so strict loading expects the key.
         self.register_buffer("init_pos", self.bilinear_positions(scale, groups), persistent=True)
+        # Not persistent: checkpoints keep the authors' keys. A constant rather than torch.eye in forward:
+        # torch decomposes eye into a uint8 arange, which LiteRT lowers to STABLEHLO_IOTA and cannot run.
+        self.register_buffer("sub_pixel_identity", self._identity_over_sub_pixels(scale), persistent=False)
 
     @staticmethod
     def bilinear_positions(scale: int, groups: int) -> torch.Tensor:
@@ -147,6 +154,19 @@ class DySample(nn.Module):
         row_offset, column_offset = torch.meshgrid(steps, steps, indexing="ij")  # (s, s) each
         positions = torch.stack((column_offset, row_offset))  # (2, s, s): x then y
         return positions.unsqueeze(1).expand(2, groups, scale, scale).reshape(1, -1, 1, 1).clone()
+
+    @staticmethod
+    def _identity_over_sub_pixels(scale: int) -> torch.Tensor:
+        """The ``scale**2`` identity shaped ``(1, s**2, 1, s**2)``: PL's weight selects sub-pixel ``k`` of ``X``."""
+        sub_pixels = scale * scale
+        return torch.eye(sub_pixels).reshape(1, sub_pixels, 1, sub_pixels)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle; a module pickled before ``sub_pixel_identity`` existed gets it (no checkpoint holds it)."""
+        super().__setstate__(state)
+        if "sub_pixel_identity" not in self._buffers:
+            identity = self._identity_over_sub_pixels(self.scale).to(self.init_pos)  # init_pos's device and dtype
+            self.register_buffer("sub_pixel_identity", identity, persistent=False)
 
     def extra_repr(self) -> str:
         """Configuration shown by ``print(module)``."""
@@ -170,26 +190,51 @@ class DySample(nn.Module):
             bias = torch.zeros_like(weight[:, 0, 0, 0])
         if self.pixel_shuffle_first:
             rows = weight.shape[0]  # 2 * groups
-            identity = torch.eye(sub_pixels, dtype=weight.dtype, device=weight.device)
-            weight = weight.reshape(rows, 1, -1, 1) * identity.reshape(1, sub_pixels, 1, sub_pixels)
+            weight = weight.reshape(rows, 1, -1, 1) * self.sub_pixel_identity  # (2g, s^2, C/s^2, s^2)
             bias = bias.reshape(rows, 1).expand(rows, sub_pixels)
         weight = weight.reshape(2, groups, sub_pixels, self.in_channels).permute(1, 2, 0, 3)  # (g, s^2, axis, C)
         bias = bias.reshape(2, groups, sub_pixels).permute(1, 2, 0)
         return weight.reshape(-1, self.in_channels, 1, 1), bias.reshape(-1)
 
-    def _grouped_offsets(self, x: torch.Tensor) -> torch.Tensor:
-        """Offsets O in input pixels, shape ``(B, 2 * groups * s**2, H, W)``, channels ``(group, sub-pixel, axis)``.
+    def _offset_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both convs as one 1x1 conv on ``X``: weight ``(rows or 2 * rows, in_channels, 1, 1)`` and bias.
 
-        Both convs run as one 1x1 convolution on ``X`` with the scope factor folded into the
-        weights: ``0.25 * (W X + b) = (0.25 W) X + 0.25 b`` (exact: a power of two).
+        The scope factor is folded into the offset rows: ``0.25 * (W X + b) = (0.25 W) X + 0.25 b`` (exact:
+        a power of two); with dynamic scope the scope conv's rows follow.
         """
-        rows = 2 * self.groups * self.scale * self.scale
         weight, bias = self._projection(self.offset.weight, self.offset.bias)
         weight, bias = weight * self.offset_scale, bias * self.offset_scale
         if self.scope is not None:
             scope_weight, scope_bias = self._projection(self.scope.weight, self.scope.bias)
             weight, bias = torch.cat((weight, scope_weight)), torch.cat((bias, scope_bias))
-        projected = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, rows or 2 * rows, H, W)
+        return weight, bias
+
+    def freeze_projection(self) -> None:
+        """Keep the composed 1x1 conv as constant buffers, so a traced graph holds a plain conv, not its algebra.
+
+        For export only (the export hook calls it on the exporter's copy for x2paddle, which converts a
+        conv only when its weight and bias are constants): the buffers do not follow later changes of
+        ``offset.*`` / ``scope.*``, and checkpoints do not store them.
+        """
+        with torch.no_grad():
+            weight, bias = self._offset_projection()
+        self.register_buffer("frozen_projection_weight", weight.clone(), persistent=False)
+        self.register_buffer("frozen_projection_bias", bias.clone(), persistent=False)
+
+    def _grouped_offsets(self, x: torch.Tensor) -> torch.Tensor:
+        """Offsets O in input pixels, shape ``(B, 2 * groups * s**2, H, W)``, channels ``(group, sub-pixel, axis)``.
+
+        One 1x1 convolution on ``X`` (:meth:`_offset_projection`, or its constants after
+        :meth:`freeze_projection`).
+        """
+        rows = 2 * self.groups * self.scale * self.scale
+        frozen_weight = getattr(self, "frozen_projection_weight", None)
+        frozen_bias = getattr(self, "frozen_projection_bias", None)
+        if frozen_weight is not None and frozen_bias is not None:  # no cast: x2paddle needs the buffers themselves
+            projected = F.conv2d(x, frozen_weight, frozen_bias)
+        else:
+            weight, bias = self._offset_projection()
+            projected = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))  # (B, rows or 2 * rows, H, W)
         if self.scope is None:
             return projected
         return projected[:, :rows] * projected[:, rows:].sigmoid()  # 0.5 * sigmoid(scope(X)) * offset(X)
@@ -208,9 +253,10 @@ class DySample(nn.Module):
         if _in_onnx_export():  # ONNX has CumSum from opset 11 only, Range (arange) from opset 9
             column_counts = (torch.arange(width, dtype=coordinate_dtype, device=x.device) + 1.0).reshape(1, 1, 1, -1)
             row_counts = (torch.arange(height, dtype=coordinate_dtype, device=x.device) + 1.0).reshape(1, 1, -1, 1)
-        else:  # no arange: LiteRT lacks the IOTA it lowers to
-            column_counts = torch.ones_like(x[:1, :1, :1, :], dtype=coordinate_dtype).cumsum(3)  # 1..W, (1, 1, 1, W)
-            row_counts = torch.ones_like(x[:1, :1, :, :1], dtype=coordinate_dtype).cumsum(2)  # 1..H, (1, 1, H, 1)
+        else:  # full_like, not ones_like: x2paddle has no ones_like. (LiteRT folds a float arange, measured: only
+            # torch.eye's uint8 one stays an IOTA it cannot run, see sub_pixel_identity)
+            column_counts = torch.full_like(x[:1, :1, :1, :], 1.0, dtype=coordinate_dtype).cumsum(3)  # 1..W
+            row_counts = torch.full_like(x[:1, :1, :, :1], 1.0, dtype=coordinate_dtype).cumsum(2)  # 1..H
         centres = torch.cat(  # pixel centres k + 0.5 = count - 0.5, x then y: (1, 1, 2, H*W)
             ((column_counts - 0.5).expand(1, 1, height, width), (row_counts - 0.5).expand(1, 1, height, width)), 1
         ).reshape(1, 1, 2, height * width)
@@ -243,6 +289,17 @@ class DySample(nn.Module):
         by_group = offsets.reshape(batch, 2, rows // 2, height * width).permute(0, 2, 1, 3)
         return self._grouped_sampling_grid(x, by_group.reshape(batch, rows, height, width))
 
+    # Not annotated: TorchScript compiles the stubs of unused methods and cannot resolve string annotations there.
+    @torch.jit.unused
+    def _cpu_kernel_applies(self, x):
+        """Eager float32/64 CPU calls with the ``grid_sample`` sampler take the compiled kernel (cpu_sampling.py)."""
+        return getattr(self, "sampler", "grid_sample") == "grid_sample" and kernel_applies(x)
+
+    @torch.jit.unused
+    def _sample_with_cpu_kernel(self, x, offsets):
+        """Sample with the compiled kernel from the offsets directly; gradients from grid_sample's backward."""
+        return sample_with_kernel(self, x, offsets)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Upsample ``x`` of shape ``(B, in_channels, H, W)`` to ``(B, in_channels, s*H, s*W)``."""
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
@@ -253,14 +310,16 @@ class DySample(nn.Module):
                 + str(list(x.shape))
             )
         batch, channels, height, width = x.shape
-        grid = self._grouped_sampling_grid(x, self._grouped_offsets(x))
+        offsets = self._grouped_offsets(x)
+        if not torch.jit.is_scripting() and self._cpu_kernel_applies(x):
+            return self._sample_with_cpu_kernel(x, offsets)  # eager CPU: the compiled kernel, no grid
+        grid = self._grouped_sampling_grid(x, offsets)
         grouped = x.reshape(batch * self.groups, channels // self.groups, height, width)
         if getattr(self, "sampler", "grid_sample") == "gather":  # getattr: modules pickled before the attribute
             out = grid_sample_by_gather(grouped, grid)
-        elif torch.jit.is_tracing() and self.groups > 1:
-            # Traced exports (pnnx -> ncnn, coremltools, x2paddle): one grid_sample per group on a batch of B.
-            # ncnn has no batch axis, a (B * groups)-batch GridSample crashes it. Eager keeps the single call:
-            # the concatenation copies the whole output.
+        elif getattr(self, "grid_sample_per_group", False) and self.groups > 1:
+            # ncnn (pnnx) export: one grid_sample per group on a batch of B; ncnn has no batch axis, a
+            # (B * groups)-batch GridSample crashes it. Everywhere else one call: the concatenation copies the output.
             out_height, out_width = self.scale * height, self.scale * width
             grids = grid.reshape(batch, self.groups, out_height, out_width * 2)
             features, group_grids = x.chunk(self.groups, 1), grids.chunk(self.groups, 1)  # pnnx has no narrow

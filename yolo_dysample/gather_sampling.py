@@ -6,7 +6,7 @@ runtimes carry that as one ``GridSample`` operator (ONNX opset 16+), but some co
 runtimes lack it or compute it differently. This file holds
 
 - :func:`grid_sample_by_gather`, the same sampling written with operators every runtime has
-  (``Floor``, ``Clip``, ``Cast``, arithmetic, one ``Gather`` on axis 0, ``Transpose``): it takes the
+  (``Clip``, ``Cast``, arithmetic, one ``Gather`` on axis 0, ``Transpose``): it takes the
   same ``(input, grid)`` as ``F.grid_sample`` and returns the same values;
 - the sampler choice: :data:`SAMPLERS`, :func:`set_sampler` / :func:`use_sampler` to switch every
   DySample in a model, :func:`sampler_for_export`, the automatic choice per export format and ONNX
@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FORMATS_NEEDING_FROZEN_PROJECTION",
     "FORMATS_NEEDING_GATHER",
+    "FORMATS_NEEDING_GRID_SAMPLE_PER_GROUP",
     "GATHER_MIN_ONNX_OPSET",
     "GRID_SAMPLE_MIN_ONNX_OPSET",
     "SAMPLERS",
@@ -50,6 +52,12 @@ GATHER_MIN_ONNX_OPSET = 9
 # format, converts GridSample only with zeros padding and stops on DySample's border padding; x2paddle
 # (format=paddle) has no aten::grid_sampler at all.
 FORMATS_NEEDING_GATHER = frozenset({"saved_model", "pb", "edgetpu", "paddle"})
+# Export formats that need one GridSample per channel group instead of one on a (B * groups) batch: ncnn has no
+# batch axis. Measured: every other traced format (torchscript, onnx, openvino, mnn, coreml) takes the single call.
+FORMATS_NEEDING_GRID_SAMPLE_PER_GROUP = frozenset({"ncnn"})
+# Export formats that need the offset projection as constants (DySample.freeze_projection): x2paddle converts a
+# conv only when its weight and bias are constants, not computed in the graph from offset.* / scope.*.
+FORMATS_NEEDING_FROZEN_PROJECTION = frozenset({"paddle"})
 
 
 def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,8 @@ def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.T
     # border padding: clip the point into the image first, then interpolate inside it
     x = x.clamp(0, width - 1)
     y = y.clamp(0, height - 1)
-    x_left, y_top = x.floor(), y.floor()
+    # floor as a truncating cast (x, y >= 0 here): x2paddle's floor handles only Python numbers
+    x_left, y_top = x.long().to(compute_dtype), y.long().to(compute_dtype)
     weight_x, weight_y = x - x_left, y - y_top  # distance past the left / top neighbour
     # clamped as floats: ONNX Clip takes integers only from opset 12; on the last column the weight is 0
     x_right = (x_left + 1).clamp(0, width - 1).long()
@@ -98,7 +107,7 @@ def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.T
     bottom_row = image_start + y_bottom * width
     corner_rows = torch.stack((top_row + x_left, top_row + x_right, bottom_row + x_left, bottom_row + x_right))
     table = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (N * H * W, C)
-    corners = table.index_select(0, corner_rows.reshape(-1))  # one Gather for all four neighbours
+    corners = table[corner_rows.reshape(-1)]  # one Gather for all four neighbours (x2paddle lacks index_select)
     corners = corners.reshape(4, batch, out_height, out_width, channels).to(compute_dtype)
     corner_weights = torch.stack(
         (
@@ -222,11 +231,13 @@ def sampler_for_export(export_format: str, opset: int | None = None) -> str:
 
 
 def choose_sampler_for_export(exporter) -> None:
-    """``on_export_start`` callback: the exported copy's DySample layers take the format's sampler.
+    """``on_export_start`` callback: the exported copy's DySample layers take the format's sampler and form.
 
     Ultralytics' ``Exporter`` fires ``on_export_start`` after it has deep-copied, fused and dry-run
-    the model (``exporter.model``) and before any format's converter traces it, so setting the
-    sampler here changes only what is exported. The Ultralytics adapter appends this function to
+    the model (``exporter.model``) and before any format's converter traces it, so what is set here
+    changes only what is exported: the sampler (:func:`sampler_for_export`), one ``grid_sample`` per
+    channel group for :data:`FORMATS_NEEDING_GRID_SAMPLE_PER_GROUP`, and constant projection weights
+    for :data:`FORMATS_NEEDING_FROZEN_PROJECTION`. The Ultralytics adapter appends this function to
     ultralytics' default callbacks. Models without DySample are left alone.
 
     Args:
@@ -238,5 +249,9 @@ def choose_sampler_for_export(exporter) -> None:
     model = getattr(exporter, "model", None)
     if not isinstance(model, nn.Module) or not _dysample_modules(model):
         return
-    export_format = str(getattr(exporter.args, "format", "") or "")
+    export_format = str(getattr(exporter.args, "format", "") or "").lower()
     set_sampler(model, sampler_for_export(export_format, getattr(exporter.args, "opset", None)))
+    for layer in _dysample_modules(model):
+        layer.grid_sample_per_group = export_format in FORMATS_NEEDING_GRID_SAMPLE_PER_GROUP
+        if export_format in FORMATS_NEEDING_FROZEN_PROJECTION:
+            layer.freeze_projection()

@@ -50,6 +50,14 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    ``YOLO_DYSAMPLE_SAMPLER`` overrides) and refuses ONNX opsets too low for DySample with a clear error.
    If this moves: registration raises if ``default_callbacks`` has no ``on_export_start`` list; if the event fires
    later than the converters, formats without GridSample fail to export or mismatch, which the export tests catch.
+6. **GFLOPs** (``model.info()``, the training log, ``yolo-dysample compare``).
+   ``ultralytics.utils.torch_utils.get_flops`` counts with thop (``ultralytics-thop``), whose rules are forward
+   hooks looked up by module type in the dict ``thop.profile.register_hooks``. DySample's forward runs its 1x1 convs as one ``F.conv2d`` on composed weights
+   and samples with ``F.grid_sample`` or the CPU kernel, so no child module's hook fires: without a rule of its
+   own DySample counts as 0. We add :func:`count_dysample_multiply_adds` to that dict (thop counts multiply-adds;
+   ultralytics doubles them into FLOPs).
+   If this moves: nothing breaks, DySample's GFLOPs read low again (the GFLOPs test fails). Without thop
+   ultralytics reports 0 GFLOPs for every model and we register nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ __all__ = [
     "bundled_cfg_dir",
     "bundled_yaml",
     "bundled_yamls",
+    "count_dysample_multiply_adds",
     "register_with_ultralytics",
 ]
 
@@ -300,6 +309,34 @@ def _choose_sampler_on_export() -> None:
         event.append(choose_sampler_for_export)
 
 
+# ------------------------------------------------------------------------------------------- GFLOPs through thop
+BILINEAR_MULTIPLY_ADDS = 4  # per sampled output value: four neighbours, one weight each
+
+
+def count_dysample_multiply_adds(module: DySample, inputs: tuple, output) -> None:
+    """Count DySample for thop: the multiply-adds its forward runs, added to ``module.total_ops``.
+
+    The offset (and scope) projection as it runs, one ``(2 * groups * scale**2) x in_channels`` product per
+    input pixel and per conv (PL's conv on the pixel-shuffled map runs as that block-structured product on X),
+    plus :data:`BILINEAR_MULTIPLY_ADDS` per output value for the bilinear sampling.
+    """
+    batch, channels, height, width = inputs[0].shape
+    convs = 2 if module.scope is not None else 1
+    projection = convs * 2 * module.groups * module.scale**2 * channels * batch * height * width
+    module.total_ops += projection + BILINEAR_MULTIPLY_ADDS * output.numel()
+
+
+def _count_flops_with_thop() -> None:
+    try:
+        import importlib
+
+        rules = getattr(importlib.import_module("thop.profile"), "register_hooks", None)
+    except ImportError:  # ultralytics then reports 0 GFLOPs for every model
+        return
+    if isinstance(rules, dict):
+        rules[DySample] = count_dysample_multiply_adds
+
+
 # -------------------------------------------------------------------------------------------------------- entry
 def register_with_ultralytics() -> None:
     """Let stock Ultralytics build, find and load DySample models in this process.
@@ -327,4 +364,5 @@ def register_with_ultralytics() -> None:
     _allow_in_restricted_load()
     _wrap_everywhere(tasks, "parse_model", _wrap_parse_model)  # errors in a DySample row name the layer
     _choose_sampler_on_export()  # export sampler section
+    _count_flops_with_thop()  # GFLOPs section
     tasks.DySample = DySampleRow  # parse_model: globals()["DySample"]
