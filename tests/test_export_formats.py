@@ -1,15 +1,23 @@
 """A DySample YOLO exports to the CPU formats and the exported model matches PyTorch.
 
 The model is YOLOv8n with two DySample layers (LP + dynamic scope, PL + static scope) whose offsets
-are perturbed far from zero; each export goes through the stock ``YOLO.export`` with the sampler the
-export hook picks, loads through ultralytics' AutoBackend and is compared with the PyTorch checkpoint
-on letterboxed ``bus.jpg`` / ``zidane.jpg``. The helpers live in ``scripts/export_matrix.py``, which
-writes the same checks for every format into ``docs/export_matrix.md``.
+are perturbed far from zero, with BatchNorm calibrated on the sample photos so that its output depends
+on its input and on where DySample samples; each export goes through the stock ``YOLO.export`` with the
+sampler the export hook picks, loads through ultralytics' AutoBackend and is compared with the PyTorch
+checkpoint on letterboxed ``bus.jpg`` / ``zidane.jpg`` (raw outputs, boxes as fractions of the image;
+each case's metric and tolerance are in ``CASES``). The checks can fail: a sampler that ignores the
+offsets, scales the grid by 1.02 or pads with zeros moves the output by at least 10x every tolerance
+(``test_every_check_catches_a_broken_sampler_tenfold``). The helpers live in ``scripts/export_matrix.py``,
+which writes the same checks for every format into ``docs/export_matrix.md``.
 
 Toolchains: onnx / onnxruntime / onnxslim come with the ``test`` extra. OpenVINO, ncnn (+ pnnx) and
 MNN are installed by the ``export_toolchains`` fixture, PaddlePaddle + X2Paddle by ``paddle_toolchain``,
-from the pins of the ``export`` extra when missing (about 15 s and 7 s of pip); the heavier ones
-(TensorFlow, Core ML, LiteRT, ExecuTorch) are only in the matrix script.
+from the pins of the ``export`` / ``paddle`` extras when missing (about 15 s and 7 s of pip). TensorFlow 2.19
+would downgrade this environment's numpy, so the SavedModel, pb, onnx2tf ``.tflite`` and ExecuTorch cases
+(``slow``) run in a scratch venv that ``tensorflow_executorch_python`` builds over this one from the
+``tensorflow`` and ``executorch`` extras (about 75 s of pip, 2.6 GB, deleted after the session; the five
+cases take about 140 s more). Core ML (Apple-only runtime) and LiteRT (litert-torch needs torch<2.15) are
+only in the matrix script.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -37,13 +46,17 @@ _spec.loader.exec_module(export_matrix)
 CI_TOOLCHAINS = {"openvino": "openvino", "ncnn": "ncnn", "pnnx": "pnnx", "MNN": "MNN"}  # distribution -> module
 PADDLE_TOOLCHAIN = {"paddlepaddle": "paddle", "x2paddle": "x2paddle"}  # ~7 s of pip, ~730 MB on disk
 NO_DEPENDENCIES = {"ncnn", "pnnx"}  # as ultralytics installs them: ncnn would pull opencv-python
+# Extras installed into a scratch venv, never here: tensorflow 2.19 needs numpy<2.2 (this environment has 2.4)
+SCRATCH_VENV_EXTRAS = ("tensorflow", "executorch")
+TOOLCHAIN_PYTHON_VARIABLE = "YOLO_DYSAMPLE_TOOLCHAIN_PYTHON"  # an interpreter that has them already: no venv
+TENSORFLOW_CASES = ["saved_model", "pb", "tflite (onnx2tf, fp32)", "tflite (onnx2tf, fp16)"]
 
 
-def export_extra() -> dict[str, str]:
-    """The ``export`` and ``paddle`` extras of pyproject.toml: distribution name -> requirement string."""
+def export_extra(extras: tuple[str, ...] = ("export", "paddle")) -> dict[str, str]:
+    """The named extras of pyproject.toml (default ``export``, ``paddle``): distribution -> requirement string."""
     text = (REPO / "pyproject.toml").read_text()
     pins = {}
-    for extra in ("export", "paddle"):
+    for extra in extras:
         block = re.search(rf"^{extra}\s*=\s*\[(.*?)^\]", text, re.S | re.M)
         assert block, f"pyproject.toml has no [project.optional-dependencies] {extra} list"
         requirements = re.findall(r'"([^"]+)"', block.group(1))
@@ -80,6 +93,36 @@ def install_missing_toolchains(distributions: dict[str, str], label: str) -> flo
     if missing:
         print(f"\n{label}: pip installed {missing} in {seconds:.1f} s")
     return seconds
+
+
+@pytest.fixture(scope="session")
+def tensorflow_executorch_python():
+    """Interpreter of a scratch venv with the ``tensorflow`` and ``executorch`` extras; deleted after the session.
+
+    The venv sees this interpreter's packages (torch, ultralytics, yolo-dysample, onnx) and installs only the two
+    extras over them, with torch held at its installed release as ultralytics installs ExecuTorch: about 75 s (venv
+    and pip, no pip cache) and 2.6 GB. ``YOLO_DYSAMPLE_TOOLCHAIN_PYTHON`` names an interpreter that has them
+    already instead.
+    """
+    existing = os.environ.get(TOOLCHAIN_PYTHON_VARIABLE)
+    if existing:
+        yield existing
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="yolo-dysample-toolchains-"))
+    try:
+        started = time.perf_counter()
+        venv = scratch / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+        python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+        held_torch = f"torch=={metadata.version('torch').split('+')[0]}"
+        requirements = [*export_extra(SCRATCH_VENV_EXTRAS).values(), held_torch]
+        command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"]
+        subprocess.run(command + requirements, check=True, timeout=1200)
+        seconds = time.perf_counter() - started
+        print(f"\ntensorflow_executorch_python: venv + pip install {requirements} in {seconds:.1f} s")
+        yield str(python)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _installed(distribution: str) -> bool:
@@ -134,6 +177,54 @@ def test_checkpoint_offsets_are_far_from_bilinear_interpolation(dysample_checkpo
         assert offsets.abs().mean() > 0.2  # input pixels
         difference = layer(features) - F.interpolate(features, scale_factor=2, mode="bilinear")
         assert difference.abs().mean() > 0.05
+
+
+def test_checkpoint_is_the_same_for_the_same_seed(dysample_checkpoint, tmp_path):
+    import torch
+
+    again = export_matrix.build_dysample_checkpoint(tmp_path / "again.pt")
+    first, second = (
+        torch.load(path, weights_only=False)["model"].state_dict() for path in (dysample_checkpoint, again)
+    )
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.fixture(scope="session")
+def broken_sampler_rows(dysample_checkpoint) -> list[dict]:
+    return export_matrix.broken_sampler_study(dysample_checkpoint)
+
+
+@pytest.mark.parametrize("breakage", export_matrix.BROKEN_SAMPLERS)
+def test_every_check_catches_a_broken_sampler_tenfold(breakage, broken_sampler_rows):
+    """On the checkpoint, in PyTorch, a broken sampler moves every case's metric to >= 10x its tolerance.
+
+    So no export that samples that way could pass. One exception, measured and documented: the mean check
+    of onnxruntime's float16 graph (``onnx quantize=16``) cannot see a grid 2 % too large, which moves the
+    mean about as much as that graph's own float16 rounding does; it does catch the other two.
+    """
+    (row,) = [row for row in broken_sampler_rows if row["breakage"] == breakage]
+    compared = [case for case in export_matrix.CASES if case.runs_here and not (case.expect_error or case.unverified)]
+    assert set(row["cases"]) == {case.name for case in compared}
+    exempt = breakage == "sampling grid x1.02"
+    missed = {
+        name: check
+        for name, check in row["cases"].items()
+        if check["value"] < 10 * check["tolerance"] and not (exempt and check["metric"] == "mean")
+    }
+    assert not missed, missed
+
+
+def test_broken_sampling_leaves_the_model_as_it_was(dysample_checkpoint):
+    import numpy as np
+
+    reference = export_matrix.reference_backend(dysample_checkpoint)
+    images = export_matrix.letterboxed_images((1, 64, 64))
+    before = export_matrix.raw_output(reference, images)
+    for breakage in export_matrix.BROKEN_SAMPLERS:
+        with export_matrix.broken_sampling(reference.model, breakage):
+            assert np.abs(export_matrix.raw_output(reference, images) - before).max() > 1e-2
+    np.testing.assert_array_equal(export_matrix.raw_output(reference, images), before)
 
 
 @pytest.mark.parametrize("case_name", ["torchscript", "torchscript dynamic"])
@@ -221,6 +312,33 @@ def test_paddle_export_matches_pytorch(dysample_checkpoint, tmp_path, paddle_too
 @pytest.mark.parametrize("case_name", ["mnn", "mnn dynamic"])
 def test_mnn_export_matches_pytorch(case_name, dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
     export_and_compare(case_name, dysample_checkpoint, tmp_path)
+
+
+def export_and_compare_with(python: str, case_name: str, checkpoint: Path, directory: Path) -> dict:
+    """Run one matrix case with another interpreter (``run_case_in_subprocess``); assert it passed, return its row."""
+    case = export_matrix.CASES_BY_NAME[case_name]
+    row = export_matrix.run_case_in_subprocess(python, case, "auto", directory, checkpoint)
+    logs = "".join(log.read_text()[-3000:] for log in directory.glob("*/log.txt"))
+    assert row["status"] == "pass", f"{row}\n--- log (tail)\n{logs}"
+    assert row[f"{case.metric}_abs_diff"] <= case.tolerance
+    return row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_name", TENSORFLOW_CASES)
+def test_tensorflow_export_matches_pytorch(
+    case_name, dysample_checkpoint, tmp_path, tensorflow_executorch_python, automatic_sampler
+):
+    # onnx2tf has no border-padded GridSample: the hook picks the gather sampler (the .tflite files come from the same
+    # onnx2tf conversion as the SavedModel and run in LiteRT)
+    export_and_compare_with(tensorflow_executorch_python, case_name, dysample_checkpoint, tmp_path)
+
+
+@pytest.mark.slow
+def test_executorch_export_matches_pytorch(
+    dysample_checkpoint, tmp_path, tensorflow_executorch_python, automatic_sampler
+):
+    export_and_compare_with(tensorflow_executorch_python, "executorch", dysample_checkpoint, tmp_path)
 
 
 def yolo_command() -> str:

@@ -131,7 +131,7 @@ def load_kernel() -> ctypes.CDLL | None:
     with _lock:
         if _kernel_loaded:
             return _kernel
-        compiler = _compiler()
+        compiler = _compiler() if os.name == "posix" else None  # Linux / macOS: a shared library via ctypes
         if compiler is not None:
             directories = [_cache_directory(), Path(tempfile.gettempdir()) / f"yolo_dysample-{os.getuid()}"]
             failures = []
