@@ -16,10 +16,15 @@ measured call, read in a child process started with ``MALLOC_MMAP_THRESHOLD_`` f
 that glibc returns every large tensor to the OS when it is freed (otherwise freed blocks stay in the
 heap and later peaks read low). On CUDA it is ``torch.cuda.max_memory_allocated`` above the
 allocation before the call.
+
+Kernel: :func:`cpu_kernel_disabled` runs a call with ``YOLO_DYSAMPLE_CPU_KERNEL=0``, so DySample
+samples with ``F.grid_sample`` instead of its compiled CPU kernel (``yolo_dysample/cpu_sampling.py``);
+the benchmarks time both paths side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -28,13 +33,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from yolo_dysample.cpu_sampling import KERNEL_ENVIRONMENT_VARIABLE
+
 __all__ = [
     "MEMORY_CHILD_ENVIRONMENT",
+    "cpu_kernel_disabled",
     "format_ratio",
     "interleaved_latency",
     "load_average",
@@ -45,6 +53,7 @@ __all__ = [
     "peak_memory_bytes",
     "run_memory_child",
     "use_reusing_allocator",
+    "without_cpu_kernel",
 ]
 
 MEMORY_CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large allocations: mmap'd, unmapped on free
@@ -92,6 +101,30 @@ def interleaved_latency(
         for name in names[start:] + names[:start]:
             samples[name].append(_time_block(candidates[name], iterations[name], device))
     return samples
+
+
+@contextlib.contextmanager
+def cpu_kernel_disabled() -> Iterator[None]:
+    """Inside: ``YOLO_DYSAMPLE_CPU_KERNEL=0``, DySample samples with ``F.grid_sample`` (checked on every call)."""
+    previous = os.environ.get(KERNEL_ENVIRONMENT_VARIABLE)
+    os.environ[KERNEL_ENVIRONMENT_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[KERNEL_ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[KERNEL_ENVIRONMENT_VARIABLE] = previous
+
+
+def without_cpu_kernel(function: Callable[[], object]) -> Callable[[], object]:
+    """``function`` run under :func:`cpu_kernel_disabled`: the same call on DySample's ``grid_sample`` path."""
+
+    def call() -> object:
+        with cpu_kernel_disabled():
+            return function()
+
+    return call
 
 
 def median_ratio(samples: list[float], reference: list[float]) -> float:

@@ -4,11 +4,14 @@ For YOLOv8n, YOLOv8s and YOLO11n, the stock model and the four DySample variants
 ``<model>-dysample{,-plus,-s,-s-plus}.yaml``, built from their YAML dicts through
 ``yolo_dysample.register_with_ultralytics``) are measured side by side (``scripts/bench_common.py``):
 
-- parameters, and GFLOPs at 640 counted honestly: Ultralytics' thop count (which sees neither
-  DySample's projection, run as a matrix product, nor any ``grid_sample``) plus, per DySample layer,
-  2 FLOPs per multiply-add of its offset/scope projection and 8 FLOPs (4 multiply-adds: four
-  neighbours, one weight each) per sampled output value;
-- PyTorch CPU latency, batch 1 at 640, fused (Conv+BN) eval model under ``torch.no_grad``;
+- parameters, and GFLOPs at 640 counted honestly: Ultralytics' thop count, in which yolo_dysample's thop
+  rule (``ultralytics_adapter.count_dysample_multiply_adds``) counts, per DySample layer, 2 FLOPs per
+  multiply-add of its offset/scope projection and 8 FLOPs (4 multiply-adds: four neighbours, one weight
+  each) per sampled output value; :func:`dysample_flops` recounts the DySample part independently;
+- PyTorch CPU latency, batch 1 at 640, fused (Conv+BN) eval model under ``torch.no_grad``; DySample
+  samples with its compiled CPU kernel (``yolo_dysample/cpu_sampling.py``), and the same models are
+  also timed, in the same rounds, with the kernel switched off (``YOLO_DYSAMPLE_CPU_KERNEL=0``:
+  ``F.grid_sample``);
 - ONNX Runtime CPU latency of the same fused model exported with ``torch.onnx.export`` (opset 17),
   DySample once as ONNX ``GridSample`` and once as the export-safe ``gather`` sampler, graph
   optimisations on, the same thread count;
@@ -55,9 +58,11 @@ from bench_common import (  # noqa: E402
     peak_memory_bytes,
     run_memory_child,
     use_reusing_allocator,
+    without_cpu_kernel,
 )
 
 from yolo_dysample import DySample, register_with_ultralytics  # noqa: E402
+from yolo_dysample.cpu_sampling import kernel_applies  # noqa: E402
 
 MODELS = ("yolov8n", "yolov8s", "yolo11n")
 VARIANTS = {  # variant -> suffix of the bundled YAML name ("" for the stock model)
@@ -77,6 +82,7 @@ IMGSZ = 640
 ONNX_OPSET = 17
 BILINEAR_MACS_PER_OUTPUT = 4
 END_TO_END_TARGET = ("yolov8n", "dysample-lp", 1.02)  # issue 5: YOLOv8n-dysample <= 1.02x stock
+KERNEL_OFF = " (grid_sample)"  # PyTorch latency key suffix: the same model with YOLO_DYSAMPLE_CPU_KERNEL=0
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,7 +142,7 @@ def build_model(model: str, variant: str):
 
 
 def dysample_flops(model: nn.Module, imgsz: int) -> tuple[int, int]:
-    """FLOPs thop misses in ``model`` at ``imgsz``: (projection, sampling), batch 1."""
+    """DySample's FLOPs in ``model`` at ``imgsz``, counted here from the layer inputs: (projection, sampling), batch 1."""
     inputs = []
     hooks = [
         module.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0].shape)))
@@ -164,7 +170,7 @@ def static_numbers(model: nn.Module) -> dict[str, float]:
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "thop_gflops": thop_gflops,
         "dysample_gflops": (projection + sampling) / 1e9,
-        "gflops": thop_gflops + (projection + sampling) / 1e9,
+        "gflops": thop_gflops,  # DySample included, through yolo_dysample's thop rule
     }
 
 
@@ -265,9 +271,16 @@ def measure_family(model_name: str, arguments: argparse.Namespace, device: torch
 
         return call
 
-    samples = interleaved_latency(
-        {variant: pytorch_call(model) for variant, model in fused.items()}, device, arguments.rounds, 0.2
-    )
+    candidates = {variant: pytorch_call(model) for variant, model in fused.items()}
+    if kernel_applies(images):  # the kernel's end-to-end gain: the same fused models on the grid_sample path
+        candidates.update(
+            {
+                f"{variant}{KERNEL_OFF}": without_cpu_kernel(pytorch_call(model))
+                for variant, model in fused.items()
+                if variant != "stock"
+            }
+        )
+    samples = interleaved_latency(candidates, device, arguments.rounds, 0.2)
     family["pytorch_latency"] = with_ratios(samples)
     del fused
     print(f"  {model_name}: PyTorch latency done", flush=True)
@@ -301,8 +314,12 @@ def measure_family(model_name: str, arguments: argparse.Namespace, device: torch
 
 
 def results_table(results: dict, memory: dict | None, arguments: argparse.Namespace) -> list[str]:
-    header = "| Model | Params | GFLOPs (thop + DySample) | PyTorch (ms) | × stock |"
+    header = "| Model | Params | GFLOPs (of which DySample) | PyTorch (ms) | × stock |"
     rule = "|---|---:|---:|---:|---:|"
+    kernel_off = any(name.endswith(KERNEL_OFF) for family in results.values() for name in family["pytorch_latency"])
+    if kernel_off:
+        header += " PyTorch, kernel off (ms) | × stock |"
+        rule += "---:|---:|"
     if not arguments.skip_onnx:
         header += " ONNX Runtime (ms) | × stock | ORT, gather sampler (ms) | × stock |"
         rule += "---:|---:|---:|---:|"
@@ -318,9 +335,12 @@ def results_table(results: dict, memory: dict | None, arguments: argparse.Namesp
             torch_latency = family["pytorch_latency"][variant]
             label = model_name if variant == "stock" else f"{model_name}-{variant}"
             row = (
-                f"| {label} | {static['parameters']:,} | {static['thop_gflops']:.2f} + {static['dysample_gflops']:.3f}"
-                f" = {static['gflops']:.2f} | {torch_latency['ms']:.1f} | {format_ratio(torch_latency['ratio'])} |"
+                f"| {label} | {static['parameters']:,} | {static['gflops']:.2f} ({static['dysample_gflops']:.3f})"
+                f" | {torch_latency['ms']:.1f} | {format_ratio(torch_latency['ratio'])} |"
             )
+            if kernel_off:
+                off = family["pytorch_latency"].get(f"{variant}{KERNEL_OFF}")
+                row += f" {off['ms']:.1f} | {format_ratio(off['ratio'])} |" if off else " | |"
             if not arguments.skip_onnx:
                 ort_latency = family["onnxruntime_latency"][variant]
                 row += f" {ort_latency['ms']:.1f} | {format_ratio(ort_latency['ratio'])} |"
@@ -375,13 +395,16 @@ def main(argv: list[str] | None = None) -> None:
     target_model, target_variant, limit = END_TO_END_TARGET
     targets = []
     if target_model in results and target_variant in results[target_model]["pytorch_latency"]:
-        for engine in ("pytorch_latency", "onnxruntime_latency"):
+        engines = {"PyTorch CPU": ("pytorch_latency", target_variant)}
+        if f"{target_variant}{KERNEL_OFF}" in results[target_model]["pytorch_latency"]:
+            engines["PyTorch CPU, kernel off"] = ("pytorch_latency", f"{target_variant}{KERNEL_OFF}")
+        engines["ONNX Runtime CPU"] = ("onnxruntime_latency", target_variant)
+        for engine_name, (engine, variant) in engines.items():
             if engine in results[target_model]:
-                ratio = results[target_model][engine][target_variant]["ratio"]
+                ratio = results[target_model][engine][variant]["ratio"]
                 verdict = "met" if ratio <= limit else f"MISSED by {100 * (ratio / limit - 1):.1f}%"
-                engine_name = "PyTorch" if engine == "pytorch_latency" else "ONNX Runtime"
                 targets.append(
-                    f"- {target_model}-{target_variant} end to end ({engine_name} CPU, batch 1, {IMGSZ}): "
+                    f"- {target_model}-{target_variant} end to end ({engine_name}, batch 1, {IMGSZ}): "
                     f"{ratio:.3f}x stock (target <= {limit}x): {verdict}"
                 )
     for line in targets:
@@ -407,9 +430,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *targets,
         "",
-        f"GFLOPs at {IMGSZ}: Ultralytics' thop count + what thop misses in DySample, 2 FLOPs per multiply-add of the",
+        f"GFLOPs at {IMGSZ}: Ultralytics' thop count (`model.info()`), DySample included by yolo_dysample's thop rule: 2 FLOPs per multiply-add of the",
         "offset (and scope) projection as it runs (a `(2*groups*scale^2 [x2 with dynamic scope]) x C` matrix product",
         "per input pixel, also for PL) and 8 FLOPs (4 multiply-adds) per sampled output value of `grid_sample`.",
+        "PyTorch: DySample samples with its compiled CPU kernel; kernel off: the same fused models, same rounds,",
+        "with `YOLO_DYSAMPLE_CPU_KERNEL=0` (`F.grid_sample`).",
         f"Latency: batch 1, {IMGSZ} x {IMGSZ}, fused model; ONNX: `torch.onnx.export` opset {ONNX_OPSET}, DySample as",
         "ONNX `GridSample` or, in the gather column, as the export-safe sampler (`yolo_dysample/gather_sampling.py`).",
         "Train peak: peak RSS above the resident size before the step (model, optimizer state and batch excluded).",

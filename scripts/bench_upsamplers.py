@@ -3,23 +3,28 @@
 Upsamplers (``scripts/upsampler_baselines.py``): nearest, bilinear, ConvTranspose2d, 1x1 conv +
 PixelShuffle, CARAFE (pure PyTorch) and the four DySample variants (LP / PL, static / dynamic "+"
 scope, groups 4). Every ratio is measured side by side in one run, against bilinear interpolation,
-with interleaved rounds and medians (``scripts/bench_common.py``).
+with interleaved rounds and medians (``scripts/bench_common.py``). On the CPU, DySample samples with
+its compiled kernel (``yolo_dysample/cpu_sampling.py``); the rows ``dysample-* (grid_sample)`` are the
+same modules run with the kernel switched off (``YOLO_DYSAMPLE_CPU_KERNEL=0``), so the kernel's gain
+is measured in the same rounds.
 
 1. The paper's setting, ``1 x 256 x 120 x 120`` upsampled x2: forward latency, forward+backward
    latency, peak memory of a forward (inference) and of a forward+backward (training step),
    parameters and GFLOPs.
+   ``pieces``: DySample's parts at that setting (offset projection, grid, ``grid_sample``, the kernel).
 2. The neck shapes of YOLOv8n and YOLOv8s at 640 (what their ``nn.Upsample`` layers receive; found by
-   building the stock models): forward and forward+backward latency.
+   building the stock models): forward and forward+backward latency, the ``(grid_sample)`` rows too.
 3. Curves over feature-map size (batch 1, 256 channels) and over batch (128 x 40 x 40, YOLOv8n's
    P4 neck shape) for nearest, bilinear and DySample: latency ratio to bilinear.
 
-Writes ``upsamplers.md``, ``upsamplers.json`` and ``upsamplers.png`` to ``--output-dir`` (default
-``docs/benchmarks``) and prints the machine and versions. The default run takes about 5 minutes with
+Writes ``upsamplers.md``, ``upsamplers.json`` and ``upsamplers.png`` (``--name`` changes the stem, e.g.
+``upsamplers-2threads``) to ``--output-dir`` (default ``docs/benchmarks``) and prints the machine, the
+versions and the load average before each section. The default run takes about 5 minutes with
 ``--threads 1`` on the busy 2-core development machine; ``--quick`` (no CARAFE, fewer shapes and
 rounds) 1-2 minutes.
 
 Usage:
-    python scripts/bench_upsamplers.py [--quick] [--threads N] [--device cpu|cuda] [--skip-memory]
+    python scripts/bench_upsamplers.py [--quick] [--threads N] [--device cpu|cuda] [--skip-memory] [--name STEM]
 """
 
 from __future__ import annotations
@@ -50,13 +55,18 @@ from bench_common import (  # noqa: E402
     peak_memory_bytes,
     run_memory_child,
     use_reusing_allocator,
+    without_cpu_kernel,
 )
 from upsampler_baselines import UPSAMPLERS, build_upsampler, forward_flops, parameter_count  # noqa: E402
+
+from yolo_dysample.cpu_sampling import kernel_applies, sample_with_kernel  # noqa: E402
 
 PAPER_SHAPE = (1, 256, 120, 120)
 SCALE = 2
 REFERENCE = "bilinear"
-CURVE_UPSAMPLERS = ("nearest", "bilinear", "dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+")
+DYSAMPLE_VARIANTS = ("dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+")
+CURVE_UPSAMPLERS = ("nearest", "bilinear", *DYSAMPLE_VARIANTS)
+KERNEL_OFF = " (grid_sample)"  # name suffix: the same upsampler run with YOLO_DYSAMPLE_CPU_KERNEL=0
 SIZE_CURVE = {"full": (10, 20, 40, 80, 120, 160), "quick": (20, 40, 80)}
 SIZE_CURVE_CHANNELS = 256
 BATCH_CURVE = {"full": (1, 2, 4, 8, 16), "quick": (1, 4)}
@@ -92,6 +102,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure yolo_dysample/dysample.py as it was at this git revision (paper setting only)",
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: docs/benchmarks (quick: a temp dir)")
+    parser.add_argument("--name", default="upsamplers", help="stem of the written .md/.json/.png (default: upsamplers)")
     parser.add_argument(
         "--system-allocator", action="store_true", help="time with glibc's default malloc settings (see bench_common)"
     )
@@ -131,14 +142,28 @@ def add_dysample_revision(revision: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def cpu_kernel_available(device: torch.device) -> bool:
+    """Whether DySample's eager forward on ``device`` takes the compiled CPU kernel."""
+    return device.type == "cpu" and kernel_applies(torch.zeros(1, 1, 1, 1))
+
+
+def base_upsampler(name: str) -> str:
+    """``"dysample-lp (grid_sample)"`` -> ``"dysample-lp"``: the module behind a benchmark row."""
+    return name.removesuffix(KERNEL_OFF)
+
+
 class Case:
-    """One upsampler on one input shape, ready to run a forward or a training step."""
+    """One upsampler on one input shape, ready to run a forward or a training step.
+
+    A name ending in :data:`KERNEL_OFF` runs the upsampler with DySample's CPU kernel switched off.
+    """
 
     def __init__(self, name: str, shape: tuple[int, ...], device: torch.device) -> None:
         torch.manual_seed(0)
         batch, channels, height, width = shape
         self.name, self.shape = name, shape
-        self.module = build_upsampler(name, channels, SCALE).to(device)
+        self.kernel_off = name.endswith(KERNEL_OFF)
+        self.module = build_upsampler(base_upsampler(name), channels, SCALE).to(device)
         self.x = torch.randn(shape, device=device)
         self.x_train = self.x.clone().requires_grad_(True)
         self.grad_output = torch.randn(batch, channels, SCALE * height, SCALE * width, device=device)
@@ -153,7 +178,8 @@ class Case:
         self.module.zero_grad(set_to_none=True)
 
     def call(self, mode: str) -> Callable[[], None]:
-        return self.forward if mode == "forward" else self.train_step
+        function = self.forward if mode == "forward" else self.train_step
+        return without_cpu_kernel(function) if self.kernel_off else function
 
 
 def measure_latency(
@@ -215,8 +241,10 @@ def dysample_pieces(arguments: argparse.Namespace, device: torch.device) -> dict
     """Forward latency of DySample's parts at the paper setting, bilinear interpolation alongside.
 
     ``offsets``: the 1x1 projection(s); ``grid``: turning offsets into ``grid_sample`` points;
-    ``grid_sample``: the sampling; ``forward``: the whole module. For a ``--before`` revision the parts
-    are its ``sample_offsets`` and ``sampling_grid``.
+    ``grid_sample``: the sampling; ``kernel``: the compiled CPU kernel sampling from the same offsets
+    (``cpu_sampling.sample_with_kernel``, no grid; CPU only); ``forward``: the whole module;
+    ``forward (grid_sample)``: the whole module with the kernel switched off. For a ``--before`` revision
+    the parts are its ``sample_offsets`` and ``sampling_grid``.
     """
     torch.manual_seed(0)
     x = torch.randn(PAPER_SHAPE, device=device)
@@ -225,7 +253,8 @@ def dysample_pieces(arguments: argparse.Namespace, device: torch.device) -> dict
         "bilinear": lambda: torch.nn.functional.interpolate(x, scale_factor=SCALE, mode="bilinear", align_corners=False)
     }
     revisions = [""] + ([f"@{arguments.before}"] if arguments.before else [])
-    for variant in ("dysample-lp", "dysample-lp+", "dysample-pl", "dysample-pl+"):
+    with_kernel = cpu_kernel_available(device)
+    for variant in DYSAMPLE_VARIANTS:
         for revision in revisions:
             module = build_upsampler(variant + revision, channels, SCALE).to(device).eval()
             grouped = x.reshape(batch * module.groups, channels // module.groups, height, width)
@@ -242,7 +271,13 @@ def dysample_pieces(arguments: argparse.Namespace, device: torch.device) -> dict
             candidates[f"{name} grid_sample"] = lambda grouped=grouped, grid=grid: torch.nn.functional.grid_sample(
                 grouped, grid, mode="bilinear", padding_mode="border", align_corners=False
             )
+            if with_kernel and not revision:
+                candidates[f"{name} kernel"] = lambda module=module, offsets=offsets: sample_with_kernel(
+                    module, x, offsets
+                )
             candidates[f"{name} forward"] = lambda module=module: module(x)
+            if with_kernel and not revision:
+                candidates[f"{name} forward{KERNEL_OFF}"] = without_cpu_kernel(lambda module=module: module(x))
     with torch.no_grad():
         samples = interleaved_latency(candidates, device, arguments.rounds, arguments.min_block)
     return {
@@ -251,17 +286,25 @@ def dysample_pieces(arguments: argparse.Namespace, device: torch.device) -> dict
     }
 
 
+PIECES = ("offsets", "grid", "grid_sample", "kernel", "forward", f"forward{KERNEL_OFF}")
+
+
 def pieces_table(pieces: dict[str, dict[str, float]]) -> list[str]:
     lines = [
-        "| DySample | offsets (ms) | grid (ms) | grid_sample (ms) | forward (ms) | forward × bilinear |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| DySample | offsets (ms) | grid (ms) | grid_sample (ms) | kernel (ms) | forward (ms) | forward × bilinear "
+        "| forward, kernel off (ms) | × bilinear |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = list(dict.fromkeys(name.rsplit(" ", 1)[0] for name in pieces if name != REFERENCE))  # in order
+    names = [name.removesuffix(" offsets") for name in pieces if name.endswith(" offsets")]  # in order
     names = [name for name in names if "@" not in name] + [name for name in names if "@" in name]
     for name in names:
-        cells = [f"{pieces[f'{name} {part}']['ms']:.2f}" for part in ("offsets", "grid", "grid_sample", "forward")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {format_ratio(pieces[f'{name} forward']['ratio'])} |")
-    lines.append(f"| bilinear (F.interpolate) | | | | {pieces[REFERENCE]['ms']:.2f} | 1.00x |")
+        measured = {part: pieces.get(f"{name} {part}") for part in PIECES}
+        cells = [f"{measured[part]['ms']:.2f}" if measured[part] else "" for part in PIECES[:5]]
+        cells.append(format_ratio(measured["forward"]["ratio"]))
+        kernel_off = measured[f"forward{KERNEL_OFF}"]
+        cells += [f"{kernel_off['ms']:.2f}", format_ratio(kernel_off["ratio"])] if kernel_off else ["", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"| bilinear (F.interpolate) | | | | | {pieces[REFERENCE]['ms']:.2f} | 1.00x | | |")
     return lines
 
 
@@ -403,17 +446,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {key}: {value}")
     # --quick leaves out CARAFE: its plain-PyTorch training step alone takes seconds at the paper setting
     names = tuple(name for name in UPSAMPLERS if not (arguments.quick and name == "carafe"))
+    # the kernel's gain: the same DySample modules on the grid_sample path, in the same rounds (CPU only)
+    kernel_off_names = tuple(f"{name}{KERNEL_OFF}" for name in DYSAMPLE_VARIANTS if cpu_kernel_available(device))
     quick = "quick" if arguments.quick else "full"
     report: list[str] = []
     raw: dict = {"machine": machine}
 
     if "paper" in arguments.sections:
-        paper_names = names + (add_dysample_revision(arguments.before) if arguments.before else ())
-        print(f"\n[paper] {PAPER_SHAPE}, x{SCALE}", flush=True)
+        paper_names = names + (add_dysample_revision(arguments.before) if arguments.before else ()) + kernel_off_names
+        print(f"\n[paper] {PAPER_SHAPE}, x{SCALE} (load average {load_average()})", flush=True)
         x = torch.randn(PAPER_SHAPE)
         static = {}
-        for name in paper_names:
-            module = build_upsampler(name, PAPER_SHAPE[1], SCALE).eval()
+        for name in paper_names:  # FlopCounterMode keeps DySample on grid_sample, so FLOPs are counted alike
+            module = build_upsampler(base_upsampler(name), PAPER_SHAPE[1], SCALE).eval()
             static[name] = {"parameters": parameter_count(module), "gflops": forward_flops(module, x) / 1e9}
         paper = measure_latency(paper_names, PAPER_SHAPE, arguments, device)
         paper_memory = None if arguments.skip_memory else measure_memory(paper_names, PAPER_SHAPE, arguments, device)
@@ -429,8 +474,11 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "GFLOPs: forward, 2 FLOPs per multiply-add, convolutions and matrix products as they run",
             "(`torch.utils.flop_counter`) plus 4 multiply-adds per output value for every bilinear interpolation or",
-            f"bilinear `grid_sample` (see `scripts/upsampler_baselines.py`). Peak memory: {memory_rule} above the",
-            "inputs, for a forward without autograd and for forward + backward.",
+            "bilinear `grid_sample` (see `scripts/upsampler_baselines.py`). DySample's CPU kernel does the same",
+            "arithmetic as `grid_sample` (four neighbours, one weight each), so both paths count the same; the",
+            "FLOP counter's dispatch mode makes DySample run `grid_sample`, which it can see.",
+            "`(grid_sample)` rows: the same module with its CPU kernel switched off (`YOLO_DYSAMPLE_CPU_KERNEL=0`).",
+            f"Peak memory: {memory_rule} above the inputs, for a forward without autograd and for forward + backward.",
             "",
             *targets,
             "",
@@ -438,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         raw["paper"] = {"shape": PAPER_SHAPE, "latency": paper, "memory_mib": paper_memory, "static": static}
 
     if "pieces" in arguments.sections:
-        print(f"\n[pieces] DySample's parts at {PAPER_SHAPE}", flush=True)
+        print(f"\n[pieces] DySample's parts at {PAPER_SHAPE} (load average {load_average()})", flush=True)
         if arguments.before and "paper" not in arguments.sections:
             add_dysample_revision(arguments.before)
         pieces = dysample_pieces(arguments, device)
@@ -450,19 +498,22 @@ def main(argv: list[str] | None = None) -> None:
             *table,
             "",
             "offsets: the 1x1 projection(s) with the scope; grid: offsets to `grid_sample` points; grid_sample: the",
-            "sampling alone; forward: the whole module (all four measured in the same interleaved rounds).",
+            "sampling alone; kernel: the compiled CPU kernel sampling from the same offsets (no grid,",
+            "`cpu_sampling.sample_with_kernel`); forward: the whole module, which runs offsets + kernel on the CPU;",
+            "forward, kernel off: the whole module with `YOLO_DYSAMPLE_CPU_KERNEL=0` (offsets + grid + grid_sample).",
+            "All measured in the same interleaved rounds.",
             "",
         ]
         raw["pieces"] = pieces
 
     if "neck" in arguments.sections:
-        print("\n[neck] YOLOv8n / YOLOv8s neck shapes at 640", flush=True)
+        print(f"\n[neck] YOLOv8n / YOLOv8s neck shapes at 640 (load average {load_average()})", flush=True)
         neck = {}
         shapes = neck_shapes()
         if arguments.quick:
             shapes = dict(list(shapes.items())[:2])  # YOLOv8n only
         for label, shape in shapes.items():
-            neck[label] = measure_latency(names, shape, arguments, device)
+            neck[label] = measure_latency(names + kernel_off_names, shape, arguments, device)
             print(f"  {label} done", flush=True)
         table = neck_table(neck)
         print("\n".join(table))
@@ -470,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         raw["neck"] = neck
 
     if "curves" in arguments.sections:
-        print("\n[curves] over feature-map size and batch", flush=True)
+        print(f"\n[curves] over feature-map size and batch (load average {load_average()})", flush=True)
         curves: dict[str, dict] = {"size": {}, "batch": {}}
         for size in SIZE_CURVE[quick]:
             shape = (1, SIZE_CURVE_CHANNELS, size, size)
@@ -481,14 +532,14 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(tables))
         arguments.output_dir.mkdir(parents=True, exist_ok=True)
         threads = f"{arguments.threads} thread{'s' if arguments.threads > 1 else ''}"
-        plot(curves, arguments.output_dir / "upsamplers.png", f"Upsampler latency / bilinear, {machine['device']}, "
-             f"{threads} ({machine['cpu']})")  # fmt: skip
+        title = f"Upsampler latency / bilinear, {machine['device']}, {threads} ({machine['cpu']})"
+        plot(curves, arguments.output_dir / f"{arguments.name}.png", title)
         report += [
             "## Latency over feature-map size and batch (× bilinear)",
             "",
             *tables,
             "",
-            "![latency ratio to bilinear](upsamplers.png)",
+            f"![latency ratio to bilinear]({arguments.name}.png)",
             "",
         ]
         raw["curves"] = {axis: {str(point): value for point, value in curve.items()} for axis, curve in curves.items()}
@@ -502,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         command += f" --before {arguments.before}"
     if set(arguments.sections) != set(SECTIONS):
         command += " --sections " + " ".join(arguments.sections)
+    if arguments.name != "upsamplers":
+        command += f" --name {arguments.name}"
     machine["load average at end (1/5/15 min)"] = load_average()
     machine["run time"] = f"{elapsed:.0f} s"
     raw["command"] = command
@@ -515,9 +568,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     arguments.output_dir.mkdir(parents=True, exist_ok=True)
-    (arguments.output_dir / "upsamplers.md").write_text("\n".join(header + report))
-    (arguments.output_dir / "upsamplers.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nwrote {arguments.output_dir}/upsamplers.md and .json" + (", .png" if "curves" in raw else "")
+    (arguments.output_dir / f"{arguments.name}.md").write_text("\n".join(header + report))
+    (arguments.output_dir / f"{arguments.name}.json").write_text(json.dumps(raw, indent=1))
+    print(f"\nwrote {arguments.output_dir}/{arguments.name}.md and .json" + (", .png" if "curves" in raw else "")
           + f" in {elapsed:.0f} s")  # fmt: skip
 
 

@@ -53,7 +53,9 @@ KERNEL_ENVIRONMENT_VARIABLE = "YOLO_DYSAMPLE_CPU_KERNEL"  # "0" / "false": alway
 CACHE_ENVIRONMENT_VARIABLE = "YOLO_DYSAMPLE_CACHE_DIR"  # where the compiled kernel is kept
 KERNEL_SOURCE = Path(__file__).with_name("csrc") / "dysample_sampling.cpp"
 COMPILE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-pthread")
-NATIVE_FLAGS = ("-march=native",)  # the kernel is built on the machine that runs it; retried without
+# Tried in this order until one compiles: -march=native (the kernel is built on the machine that runs it) and
+# -fopenmp (its threads are then torch's own OpenMP threads, see the .cpp; without it, std::thread).
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 KERNEL_DTYPES = (torch.float32, torch.float64)
 MAX_PLANE = 2**31 - 1  # the kernel indexes an input plane with int32
 # Below this many output values a second thread costs more than it saves (thread start ~20-50 us).
@@ -104,7 +106,7 @@ def _build(compiler: str, directory: Path) -> Path:
         return library
     directory.mkdir(parents=True, exist_ok=True)
     errors = []
-    for extra in (NATIVE_FLAGS, ()):
+    for extra in OPTIONAL_FLAGS:
         # a private name, then an atomic rename: processes compiling at once (DDP workers) never see half a file
         handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(handle)
