@@ -722,31 +722,31 @@ def onnx_layer_cost(repeats: int = 30) -> list[dict]:
     import onnxruntime
     import torch
 
-    from yolo_dysample import DySample
     from yolo_dysample.gather_sampling import use_sampler
 
     rows = []
-    for channels, size in ((64, 20), (128, 40), (256, 80)):
-        layer = DySample(channels, style="lp", dyscope=True).eval()
-        perturb_offsets(layer)
-        features = torch.randn(1, channels, size, size)
-        row = {"input": f"(1, {channels}, {size}, {size})"}
+    for layer, features, row in _cost_layers():
         for sampler in ("grid_sample", "gather"):
             graph = bytes_io.BytesIO()
             with use_sampler(layer, sampler), torch.no_grad():
                 torch.onnx.export(layer, (features,), graph, opset_version=17, dynamo=False)
             session = onnxruntime.InferenceSession(graph.getvalue(), providers=["CPUExecutionProvider"])
             feed = {session.get_inputs()[0].name: features.numpy()}
-            for _ in range(3):
-                session.run(None, feed)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times.append((time.perf_counter() - start) * 1000)
-            row[sampler] = min(times)
+            row[sampler] = min(wall_times_ms(lambda session=session, feed=feed: session.run(None, feed), repeats))
         rows.append(row)
     return rows
+
+
+def _cost_layers():
+    """The layers the cost tables time: (DySample LP+ with perturbed offsets, its input, the table row to fill)."""
+    import torch
+
+    from yolo_dysample import DySample
+
+    for channels, size in ((64, 20), (128, 40), (256, 80)):
+        layer = DySample(channels, style="lp", dyscope=True).eval()
+        perturb_offsets(layer)
+        yield layer, torch.randn(1, channels, size, size), {"input": f"(1, {channels}, {size}, {size})"}
 
 
 def sampler_cost(repeats: int = 30) -> list[dict]:
@@ -756,18 +756,13 @@ def sampler_cost(repeats: int = 30) -> list[dict]:
     """
     import torch
 
-    from yolo_dysample import DySample
     from yolo_dysample.gather_sampling import use_sampler
 
     rows = []
-    for channels, size in ((64, 20), (128, 40), (256, 80)):
-        layer = DySample(channels, style="lp", dyscope=True).eval()
-        perturb_offsets(layer)
-        features = torch.randn(1, channels, size, size)
-        row = {"input": f"(1, {channels}, {size}, {size})"}
+    for layer, features, row in _cost_layers():
         for sampler in ("grid_sample", "gather"):
             with use_sampler(layer, sampler), torch.no_grad():
-                row[sampler] = min(wall_times_ms(lambda: layer(features), repeats))
+                row[sampler] = min(wall_times_ms(lambda layer=layer, features=features: layer(features), repeats))
         rows.append(row)
     return rows
 
