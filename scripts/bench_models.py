@@ -7,7 +7,8 @@ For YOLOv8n, YOLOv8s and YOLO11n, the stock model and the four DySample variants
 - parameters, and GFLOPs at 640 counted honestly: Ultralytics' thop count, in which yolo_dysample's thop
   rule (``ultralytics_adapter.count_dysample_multiply_adds``) counts, per DySample layer, 2 FLOPs per
   multiply-add of its offset/scope projection and 8 FLOPs (4 multiply-adds: four neighbours, one weight
-  each) per sampled output value; :func:`dysample_flops` recounts the DySample part independently;
+  each) per sampled output value; :func:`dysample_flops` applies the same rule to each layer's input to
+  show DySample's share;
 - PyTorch CPU latency, batch 1 at 640, fused (Conv+BN) eval model under ``torch.no_grad``; DySample
   samples with its compiled CPU kernel (``yolo_dysample/cpu_sampling.py``), and the same models are
   also timed, in the same rounds, with the kernel switched off (``YOLO_DYSAMPLE_CPU_KERNEL=0``:
@@ -35,7 +36,6 @@ import copy
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +63,7 @@ from bench_common import (  # noqa: E402
 
 from yolo_dysample import DySample, register_with_ultralytics  # noqa: E402
 from yolo_dysample.cpu_sampling import kernel_applies  # noqa: E402
+from yolo_dysample.ultralytics_adapter import dysample_multiply_adds  # noqa: E402
 
 MODELS = ("yolov8n", "yolov8s", "yolo11n")
 VARIANTS = {  # variant -> suffix of the bundled YAML name ("" for the stock model)
@@ -80,7 +81,6 @@ EXPECTED_CONFIGURATION = {  # variant -> (style, dyscope) every DySample layer o
 }
 IMGSZ = 640
 ONNX_OPSET = 17
-BILINEAR_MACS_PER_OUTPUT = 4
 END_TO_END_TARGET = ("yolov8n", "dysample-lp", 1.02)  # issue 5: YOLOv8n-dysample <= 1.02x stock
 KERNEL_OFF = " (grid_sample)"  # PyTorch latency key suffix: the same model with YOLO_DYSAMPLE_CPU_KERNEL=0
 
@@ -141,8 +141,8 @@ def build_model(model: str, variant: str):
     return detection_model
 
 
-def dysample_flops(model: nn.Module, imgsz: int) -> tuple[int, int]:
-    """DySample's FLOPs in ``model`` at ``imgsz``, counted here from the layer inputs: (projection, sampling), batch 1."""
+def dysample_flops(model: nn.Module, imgsz: int) -> int:
+    """DySample's FLOPs in ``model`` at ``imgsz``, batch 1: the thop rule on each layer's input, 2 per multiply-add."""
     inputs = []
     hooks = [
         module.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0].shape)))
@@ -153,23 +153,17 @@ def dysample_flops(model: nn.Module, imgsz: int) -> tuple[int, int]:
         model.eval()(torch.zeros(1, 3, imgsz, imgsz))
     for hook in hooks:
         hook.remove()
-    projection = sampling = 0
-    for module, (batch, channels, height, width) in inputs:
-        rows = 2 * module.groups * module.scale**2 * (2 if module.dyscope else 1)  # as run: one (rows x C) product
-        projection += 2 * rows * channels * height * width
-        sampling += 2 * BILINEAR_MACS_PER_OUTPUT * batch * channels * module.scale**2 * height * width
-    return projection, sampling
+    return sum(2 * dysample_multiply_adds(module, tuple(shape)) for module, shape in inputs)
 
 
 def static_numbers(model: nn.Module) -> dict[str, float]:
     from ultralytics.utils.torch_utils import get_flops
 
     thop_gflops = get_flops(model, IMGSZ)
-    projection, sampling = dysample_flops(model, IMGSZ)
     return {
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "thop_gflops": thop_gflops,
-        "dysample_gflops": (projection + sampling) / 1e9,
+        "dysample_gflops": dysample_flops(model, IMGSZ) / 1e9,
         "gflops": thop_gflops,  # DySample included, through yolo_dysample's thop rule
     }
 
@@ -430,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *targets,
         "",
-        f"GFLOPs at {IMGSZ}: Ultralytics' thop count (`model.info()`), DySample included by yolo_dysample's thop rule: 2 FLOPs per multiply-add of the",
+        f"GFLOPs at {IMGSZ}: Ultralytics' thop count (`model.info()`), DySample included by yolo_dysample's thop",
+        "rule: 2 FLOPs per multiply-add of the",
         "offset (and scope) projection as it runs (a `(2*groups*scale^2 [x2 with dynamic scope]) x C` matrix product",
         "per input pixel, also for PL) and 8 FLOPs (4 multiply-adds) per sampled output value of `grid_sample`.",
         "PyTorch: DySample samples with its compiled CPU kernel; kernel off: the same fused models, same rounds,",

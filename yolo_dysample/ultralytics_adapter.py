@@ -52,10 +52,11 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    later than the converters, formats without GridSample fail to export or mismatch, which the export tests catch.
 6. **GFLOPs** (``model.info()``, the training log, ``yolo-dysample compare``).
    ``ultralytics.utils.torch_utils.get_flops`` counts with thop (``ultralytics-thop``), whose rules are forward
-   hooks looked up by module type in the dict ``thop.profile.register_hooks``. DySample's forward runs its 1x1 convs as one ``F.conv2d`` on composed weights
-   and samples with ``F.grid_sample`` or the CPU kernel, so no child module's hook fires: without a rule of its
-   own DySample counts as 0. We add :func:`count_dysample_multiply_adds` to that dict (thop counts multiply-adds;
-   ultralytics doubles them into FLOPs).
+   hooks looked up by module type in the dict ``thop.profile.register_hooks``. DySample's forward runs its 1x1
+   convs as one ``F.conv2d`` on composed weights and samples with ``F.grid_sample`` or the CPU kernel, so no child
+   module's hook fires: without a rule of its own DySample counts as 0. We add
+   :func:`count_dysample_multiply_adds` to that dict (thop counts multiply-adds; ultralytics doubles them into
+   FLOPs).
    If this moves: nothing breaks, DySample's GFLOPs read low again (the GFLOPs test fails). Without thop
    ultralytics reports 0 GFLOPs for every model and we register nothing.
 """
@@ -82,6 +83,7 @@ __all__ = [
     "bundled_yaml",
     "bundled_yamls",
     "count_dysample_multiply_adds",
+    "dysample_multiply_adds",
     "register_with_ultralytics",
 ]
 
@@ -313,17 +315,22 @@ def _choose_sampler_on_export() -> None:
 BILINEAR_MULTIPLY_ADDS = 4  # per sampled output value: four neighbours, one weight each
 
 
-def count_dysample_multiply_adds(module: DySample, inputs: tuple, output) -> None:
-    """Count DySample for thop: the multiply-adds its forward runs, added to ``module.total_ops``.
+def dysample_multiply_adds(module: DySample, input_shape: tuple[int, int, int, int]) -> int:
+    """Count the multiply-adds ``module``'s forward runs on an input of ``input_shape`` ``(B, C, H, W)``.
 
     The offset (and scope) projection as it runs, one ``(2 * groups * scale**2) x in_channels`` product per
     input pixel and per conv (PL's conv on the pixel-shuffled map runs as that block-structured product on X),
     plus :data:`BILINEAR_MULTIPLY_ADDS` per output value for the bilinear sampling.
     """
-    batch, channels, height, width = inputs[0].shape
+    batch, channels, height, width = input_shape
     convs = 2 if module.scope is not None else 1
     projection = convs * 2 * module.groups * module.scale**2 * channels * batch * height * width
-    module.total_ops += projection + BILINEAR_MULTIPLY_ADDS * output.numel()
+    return projection + BILINEAR_MULTIPLY_ADDS * batch * channels * module.scale**2 * height * width
+
+
+def count_dysample_multiply_adds(module: DySample, inputs: tuple, output) -> None:
+    """Count DySample for thop: :func:`dysample_multiply_adds`, added to ``module.total_ops``."""
+    module.total_ops += dysample_multiply_adds(module, tuple(inputs[0].shape))
 
 
 def _count_flops_with_thop() -> None:
