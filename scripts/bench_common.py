@@ -17,14 +17,13 @@ that glibc returns every large tensor to the OS when it is freed (otherwise free
 heap and later peaks read low). On CUDA it is ``torch.cuda.max_memory_allocated`` above the
 allocation before the call.
 
-Kernel: :func:`cpu_kernel_disabled` runs a call with ``YOLO_DYSAMPLE_CPU_KERNEL=0``, so DySample
-samples with ``F.grid_sample`` instead of its compiled CPU kernel (``yolo_dysample/cpu_sampling.py``);
-the benchmarks time both paths side by side.
+Kernel: :func:`without_cpu_kernel` runs a call under ``yolo_dysample.cpu_sampling.kernel_disabled``
+(``YOLO_DYSAMPLE_CPU_KERNEL=0``), so DySample samples with ``F.grid_sample`` instead of its compiled CPU
+kernel; the benchmarks time both paths side by side.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -33,16 +32,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from yolo_dysample.cpu_sampling import KERNEL_ENVIRONMENT_VARIABLE
+from yolo_dysample.cpu_sampling import kernel_disabled
 
 __all__ = [
     "MEMORY_CHILD_ENVIRONMENT",
-    "cpu_kernel_disabled",
     "format_ratio",
     "interleaved_latency",
     "load_average",
@@ -103,25 +101,11 @@ def interleaved_latency(
     return samples
 
 
-@contextlib.contextmanager
-def cpu_kernel_disabled() -> Iterator[None]:
-    """Inside: ``YOLO_DYSAMPLE_CPU_KERNEL=0``, DySample samples with ``F.grid_sample`` (checked on every call)."""
-    previous = os.environ.get(KERNEL_ENVIRONMENT_VARIABLE)
-    os.environ[KERNEL_ENVIRONMENT_VARIABLE] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[KERNEL_ENVIRONMENT_VARIABLE]
-        else:
-            os.environ[KERNEL_ENVIRONMENT_VARIABLE] = previous
-
-
 def without_cpu_kernel(function: Callable[[], object]) -> Callable[[], object]:
-    """``function`` run under :func:`cpu_kernel_disabled`: the same call on DySample's ``grid_sample`` path."""
+    """``function`` run under :func:`kernel_disabled`: the same call on DySample's ``grid_sample`` path."""
 
     def call() -> object:
-        with cpu_kernel_disabled():
+        with kernel_disabled():
             return function()
 
     return call

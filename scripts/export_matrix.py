@@ -558,6 +558,7 @@ def broken_sampling(model, breakage: str):
     import torch.nn.functional as F
 
     from yolo_dysample import DySample
+    from yolo_dysample.cpu_sampling import kernel_disabled
 
     if breakage not in BROKEN_SAMPLERS:
         raise ValueError(f"breakage={breakage!r} is not one of {BROKEN_SAMPLERS}")
@@ -570,19 +571,18 @@ def broken_sampling(model, breakage: str):
         padding_mode = "zeros" if breakage == "zeros padding" else padding_mode
         return grid_sample(features, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
-    for layer in layers:
-        layer._cpu_kernel_applies = lambda x: False  # an instance attribute over the method
-        if breakage == "offsets ignored":
-            with torch.no_grad():
+    if breakage == "offsets ignored":
+        with torch.no_grad():
+            for layer in layers:
                 layer.offset.weight.zero_()
                 layer.offset.bias.zero_()
     F.grid_sample = broken_grid_sample
     try:
-        yield model
+        with kernel_disabled():
+            yield model
     finally:
         F.grid_sample = grid_sample
         for layer, state in zip(layers, saved, strict=True):
-            del layer._cpu_kernel_applies
             layer.offset.load_state_dict(state)
 
 

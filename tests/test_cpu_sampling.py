@@ -9,6 +9,8 @@ it must stay out of traced, compiled and exported graphs; and it must be optiona
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -37,13 +39,28 @@ def count_grid_sample(monkeypatch):
     return calls
 
 
-def without_kernel(module: DySample, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+def without_kernel(module: DySample, x: torch.Tensor) -> torch.Tensor:
     """The ``F.grid_sample`` path's output, for comparison."""
-    with monkeypatch.context() as patch:
-        patch.setenv(cpu_sampling.KERNEL_ENVIRONMENT_VARIABLE, "0")
+    with cpu_sampling.kernel_disabled():
         assert not cpu_sampling.kernel_applies(x)
         with torch.no_grad():
             return module(x)
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_kernel_disabled_switches_to_grid_sample_and_restores_the_setting(before, count_grid_sample, monkeypatch):
+    if before is None:
+        monkeypatch.delenv(cpu_sampling.KERNEL_ENVIRONMENT_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(cpu_sampling.KERNEL_ENVIRONMENT_VARIABLE, before)
+    module, x = DySample(16, groups=4), torch.randn(1, 16, 5, 6)
+    with cpu_sampling.kernel_disabled(), torch.no_grad():
+        module(x)
+    assert len(count_grid_sample) == 1
+    assert os.environ.get(cpu_sampling.KERNEL_ENVIRONMENT_VARIABLE) == before
+    with torch.no_grad():
+        module(x)
+    assert len(count_grid_sample) == 1  # the kernel again
 
 
 def test_kernel_builds_here_and_replaces_grid_sample_in_eager_cpu_forward(count_grid_sample):
@@ -60,7 +77,7 @@ def test_kernel_builds_here_and_replaces_grid_sample_in_eager_cpu_forward(count_
 @pytest.mark.parametrize("scale", [2, 3, 4])
 @pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
 def test_kernel_matches_reference_and_grid_sample_with_offsets_of_several_pixels(
-    style, dyscope, scale, groups, count_grid_sample, monkeypatch
+    style, dyscope, scale, groups, count_grid_sample
 ):
     channels = smallest_channels(scale, style, groups, multiple=2)
     module = DySample(channels, scale=scale, style=style, groups=groups, dyscope=dyscope).double()
@@ -70,7 +87,7 @@ def test_kernel_matches_reference_and_grid_sample_with_offsets_of_several_pixels
     out = run_module(module, x)
     assert count_grid_sample == []  # the kernel computed it
     np.testing.assert_allclose(out, dysample_reference(x.numpy(), weights, scale, style, groups), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(out, without_kernel(module, x, monkeypatch).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, without_kernel(module, x).numpy(), rtol=0, atol=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -97,7 +114,7 @@ def test_kernel_matches_reference_for_any_shape_and_any_offset(
     np.testing.assert_allclose(run_module(module, x), expected, rtol=0, atol=1e-6)
 
 
-def test_float32_kernel_is_at_least_as_close_to_the_exact_value_as_grid_sample(monkeypatch):
+def test_float32_kernel_is_at_least_as_close_to_the_exact_value_as_grid_sample():
     # a realistic map: coordinates up to ~120 pixels, where grid_sample's [-1, 1] round trip loses digits
     module = DySample(32, groups=4, dyscope=True)
     weights = randomise(module, seed=5, offset_pixels=2.0)
@@ -105,7 +122,7 @@ def test_float32_kernel_is_at_least_as_close_to_the_exact_value_as_grid_sample(m
     exact = dysample_reference(x.numpy(), weights, 2, "lp", 4)
     x32 = x.float()
     kernel_error = np.abs(run_module(module, x32) - exact).max()
-    grid_sample_error = np.abs(without_kernel(module, x32, monkeypatch).double().numpy() - exact).max()
+    grid_sample_error = np.abs(without_kernel(module, x32).double().numpy() - exact).max()
     assert kernel_error < 1e-4
     assert kernel_error <= grid_sample_error
 
@@ -154,7 +171,7 @@ def test_threads_split_the_rows_without_changing_the_result(monkeypatch):
     with torch.no_grad():
         offsets = module._grouped_offsets(x)  # fixed: the 1x1 conv itself may round differently per thread count
         one_thread = cpu_sampling.sample_with_kernel(module, x, offsets)
-    torch.testing.assert_close(one_thread, without_kernel(module, x, monkeypatch), rtol=0, atol=1e-4)
+    torch.testing.assert_close(one_thread, without_kernel(module, x), rtol=0, atol=1e-4)
     monkeypatch.setattr(cpu_sampling, "VALUES_PER_THREAD", 1)  # even tiny maps are split
     previous = torch.get_num_threads()
     try:

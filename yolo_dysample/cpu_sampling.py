@@ -25,6 +25,7 @@ double precision, so it is closer to the exact value (``tests/test_cpu_sampling.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -34,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ __all__ = [
     "KERNEL_ENVIRONMENT_VARIABLE",
     "KERNEL_SOURCE",
     "kernel_applies",
+    "kernel_disabled",
     "load_kernel",
     "sample_with_kernel",
 ]
@@ -68,6 +71,27 @@ _kernel_loaded = False  # True once a load was attempted, successful or not
 
 def _kernel_enabled() -> bool:
     return os.environ.get(KERNEL_ENVIRONMENT_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def kernel_disabled() -> Iterator[None]:
+    """Inside, ``YOLO_DYSAMPLE_CPU_KERNEL=0``: DySample samples with ``F.grid_sample`` (read on every call).
+
+    Examples:
+        >>> import torch
+        >>> from yolo_dysample import DySample
+        >>> with kernel_disabled():
+        ...     out = DySample(16)(torch.randn(1, 16, 4, 4))  # the grid_sample path
+    """
+    previous = os.environ.get(KERNEL_ENVIRONMENT_VARIABLE)
+    os.environ[KERNEL_ENVIRONMENT_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[KERNEL_ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[KERNEL_ENVIRONMENT_VARIABLE] = previous
 
 
 def _cache_directory() -> Path:
