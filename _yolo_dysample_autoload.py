@@ -15,16 +15,21 @@ for this one small module, which imports only ``os`` and ``sys``. The module is 
 import os
 import sys
 
-__all__ = ["ENV_VAR", "TARGET_MODULE", "autoload_enabled", "install", "install_if_enabled"]
+__all__ = ["ENV_VAR", "TARGET_MODULE", "autoload_enabled", "env_flag_off", "install", "install_if_enabled"]
 
 ENV_VAR = "YOLO_DYSAMPLE_AUTOLOAD"
 TARGET_MODULE = "ultralytics.nn.tasks"  # its globals() are where parse_model looks up module names
 _OFF_VALUES = frozenset({"0", "false", "no", "off"})
 
 
+def env_flag_off(name: str) -> bool:
+    """Return True when the environment variable ``name`` is 0, false, no or off (any case, spaces ignored)."""
+    return os.environ.get(name, "1").strip().lower() in _OFF_VALUES
+
+
 def autoload_enabled() -> bool:
     """Return False when ``YOLO_DYSAMPLE_AUTOLOAD`` is 0, false, no or off (any case)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF_VALUES
+    return not env_flag_off(ENV_VAR)
 
 
 def install_if_enabled() -> None:

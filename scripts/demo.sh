@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job, end to end with the stock `yolo` command and no network:
-#   install yolo-dysample -> train YOLOv8n-DySample on the embedded dysample-shapes dataset (generated locally on
-#   first use) -> validate -> predict on the images ultralytics ships -> export to ONNX -> predict with the ONNX file.
+# DySample end to end with the stock `yolo` command and no network:
+#   install yolo-dysample[onnx] -> train YOLOv8n-DySample on the embedded dysample-shapes dataset (generated locally
+#   on first use) -> validate -> predict on the images ultralytics ships -> export to ONNX -> predict with the ONNX file.
+# The metrics depend on the torch, ultralytics and numpy releases pip picks and on the CPU: the script ends by printing
+# the versions it ran with.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]      (default: ./dysample-demo; works from any directory)
 # Environment: PYTHON (default python3); YOLO_DYSAMPLE_SKIP_INSTALL=1 skips the install; EPOCHS (default 10),
 # IMGSZ (default 256) and BATCH (default 8) size the training run.
@@ -24,8 +26,8 @@ export YOLO_CONFIG_DIR="$out/ultralytics-config"
 step() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
 
 if [[ "${YOLO_DYSAMPLE_SKIP_INSTALL:-0}" != "1" ]]; then
-    step "installing yolo-dysample[export] from $repo into $("$python" -c 'import sys; print(sys.prefix)')"
-    "$python" -m pip install --quiet --disable-pip-version-check --no-input "$repo[export]"
+    step "installing yolo-dysample[onnx] from $repo into $("$python" -c 'import sys; print(sys.prefix)')"
+    "$python" -m pip install --quiet --disable-pip-version-check --no-input "$repo[onnx]"
 fi
 # The `yolo` command of the environment we just installed into (not whichever one PATH finds first).
 yolo="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/yolo"
@@ -77,7 +79,21 @@ step "exporting to ONNX"
 step "predicting with the ONNX file"
 "$yolo" predict model="${weights%.pt}.onnx" source="$assets" "${common[@]}" name=predict-onnx
 
-step "done in ${SECONDS}s. Results under $out:"
+step "done in ${SECONDS}s, with these versions (the metrics depend on them):"
+"$python" - <<'PY'
+import importlib.metadata as metadata
+import os
+import platform
+
+names = ("yolo-dysample", "torch", "ultralytics", "numpy", "onnx", "onnxruntime")
+print(f"  python {platform.python_version()}, " + ", ".join(f"{name} {metadata.version(name)}" for name in names))
+cpu = platform.processor() or platform.machine()
+if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as file:
+        cpu = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), cpu)
+print(f"  {cpu}, {os.cpu_count()} logical CPUs")
+PY
+echo "Results under $out:"
 cat <<EOF
   training run, metrics and plots   $runs/train   (results.csv, weights/best.pt)
   validation                        $runs/val

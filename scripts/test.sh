@@ -1,37 +1,61 @@
 #!/usr/bin/env bash
-# Install yolo-dysample (with its `test` extras) into the current Python environment, then run pytest.
-# Works from any directory. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
-# PYTHON picks the interpreter (default: python3); YOLO_DYSAMPLE_SKIP_INSTALL=1 skips the install step.
-# A full run (no arguments) then repeats the Ultralytics integration tests on the oldest supported ultralytics.
+# The test command: install yolo-dysample with its `test` extras into the current Python environment, lint, run
+# pytest, repeat the Ultralytics integration tests on the older tested ultralytics releases, and check that the
+# environment is still consistent. Works from any directory; extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -m "not toolchains"` (no export toolchain downloads) or `-m "not slow"` (no yolo subprocesses).
+#
+# Into this environment it installs only yolo-dysample and its `test` extras (pytest, hypothesis, onnx, onnxruntime,
+# onnxslim, ruff, cloudpickle). Everything else lives in temporary scratch environments that see this one and are
+# deleted afterwards: the export toolchains (tests/test_export_formats.py) and each older ultralytics release (below).
+#
+# Environment: PYTHON (default python3); YOLO_DYSAMPLE_SKIP_INSTALL=1 skips the install; YOLO_DYSAMPLE_TEST_RELEASES=1
+# forces the older-release runs, =0 skips them (default: run them when no pytest arguments are given).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
+pip_install=(-m pip install --quiet --disable-pip-version-check --no-input)
+step() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
 
 if [[ "${YOLO_DYSAMPLE_SKIP_INSTALL:-0}" != "1" ]]; then
-    echo "== installing yolo-dysample[test] from $repo into $("$python" -c 'import sys; print(sys.prefix)')"
-    "$python" -m pip install --quiet --disable-pip-version-check --no-input "$repo[test]"
+    step "installing yolo-dysample[test] from $repo into $("$python" -c 'import sys; print(sys.prefix)')"
+    "$python" "${pip_install[@]}" "$repo[test]"
 fi
 
 cd "$repo"
-echo "== running tests"
 status=0
-"$python" -m pytest "$@" || status=$?
+step "ruff check"
+"$python" -m ruff check . || status=1
+step "ruff format --check"
+"$python" -m ruff format --check . || status=1
 
-# The oldest supported ultralytics (the lower bound in pyproject.toml) on a focused subset: a venv that sees this
-# interpreter's packages (yolo-dysample as just installed, its .pth hook, torch) with only ultralytics pinned back.
-# Runs on a full run (no pytest arguments); YOLO_DYSAMPLE_TEST_OLDEST=1 forces it, =0 skips it. Deselected there:
-# the tests that compare the bundled YAMLs with the stock text they were generated from (a newer release), and the
-# wheel build, which does not depend on ultralytics.
-if [[ "${YOLO_DYSAMPLE_TEST_OLDEST:-$([[ $# -eq 0 ]] && echo 1 || echo 0)}" == "1" ]]; then
-    oldest="$(sed -nE 's/^ *"ultralytics>=([0-9.]+),.*/\1/p' pyproject.toml)"
-    scratch="$(mktemp -d)"
-    echo "== oldest supported ultralytics: $oldest"
-    "$python" -m venv --system-site-packages "$scratch/venv"
-    "$scratch/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-deps \
-        "ultralytics==$oldest"
-    YOLO_CONFIG_DIR="$scratch/config" "$scratch/venv/bin/python" -m pytest -p no:cacheprovider \
-        tests/test_ultralytics_integration.py tests/test_ultralytics_yamls.py \
-        -k "not fresh_generation and not twin_text and not wheel" || status=$?
-    rm -rf "$scratch"
+step "pytest $*"
+"$python" -m pytest "$@" || status=1
+
+# The other tested releases (ultralytics_adapter.TESTED_ULTRALYTICS_VERSIONS, without the installed one), each in a
+# scratch venv that sees this environment (yolo-dysample as installed, its .pth hook, torch) with only ultralytics
+# replaced. Left out there: tests marked newest_ultralytics_only and the wheel build (independent of ultralytics).
+release_tests=()
+for file in tests/test_ultralytics_integration.py tests/test_ultralytics_yamls.py tests/test_ultralytics_families.py; do
+    [[ -f "$file" ]] && release_tests+=("$file")
+done
+if [[ "${YOLO_DYSAMPLE_TEST_RELEASES:-$([[ $# -eq 0 ]] && echo 1 || echo 0)}" == "1" ]]; then
+    releases="$("$python" -c '
+import importlib.metadata as metadata
+from yolo_dysample.ultralytics_adapter import TESTED_ULTRALYTICS_VERSIONS as tested
+print(" ".join(version for version in tested if version != metadata.version("ultralytics")))')"
+    for release in $releases; do
+        step "ultralytics $release in a scratch environment: ${release_tests[*]}"
+        scratch="$(mktemp -d)"
+        scratch_python="$("$python" -m yolo_dysample.tools.scratch_env "$scratch/venv" --no-deps "ultralytics==$release")"
+        "$scratch_python" -m pytest -p no:cacheprovider -m "not newest_ultralytics_only" -k "not wheel" \
+            "${release_tests[@]}" || status=1
+        rm -rf "$scratch"
+    done
 fi
+
+step "the environment is consistent: pip check, import onnx, onnxruntime"
+"$python" -m pip check || status=1
+"$python" -c "import onnx, onnxruntime" || status=1
+
+step "done in ${SECONDS}s, exit status $status"
 exit "$status"

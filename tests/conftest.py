@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -83,12 +84,28 @@ def offline_ultralytics_settings():
 
 
 # ------------------------------------------------------------------------------------------ the installed package
-def _installed_counterpart(installed_name: str) -> Path:
-    """Source-checkout path of a file the wheel installs (cfg/ is installed as yolo_dysample/cfg/)."""
-    prefix = "yolo_dysample/cfg/"
-    return REPO_ROOT / (
-        installed_name[len("yolo_dysample/") :] if installed_name.startswith(prefix) else installed_name
-    )
+HOOK_FILES = ("_yolo_dysample_autoload.py", "yolo_dysample_autoload.pth")  # installed beside the package
+
+
+def _shipped_files() -> set[str]:
+    """The files of this checkout that a wheel installs: the package tree (code, kernel source, YAMLs) and the hook."""
+    package = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for path in (REPO_ROOT / "yolo_dysample").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    return package | set(HOOK_FILES)
+
+
+def _is_editable_install_of_this_checkout(distribution: importlib.metadata.Distribution) -> bool:
+    """True for ``pip install -e <this checkout>``: the package is this source tree, only the hook files are copies."""
+    try:
+        direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except json.JSONDecodeError:
+        return False
+    url = direct_url.get("url", "")
+    editable = direct_url.get("dir_info", {}).get("editable", False)
+    return editable and url.startswith("file://") and Path(url[len("file://") :]).resolve() == REPO_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -106,19 +123,15 @@ def installed_yolo_dysample() -> importlib.metadata.Distribution:
     installed = {
         str(file).replace(os.sep, "/")
         for file in distribution.files or []
-        if str(file).replace(os.sep, "/").startswith(("yolo_dysample/", "_yolo_dysample_autoload", "yolo_dysample_"))
-        and "__pycache__" not in str(file)
+        if str(file).replace(os.sep, "/").startswith(("yolo_dysample/", *HOOK_FILES)) and "__pycache__" not in str(file)
     }
-    shipped = {"_yolo_dysample_autoload.py", "yolo_dysample_autoload.pth"}
-    shipped |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "yolo_dysample").glob("*.py")}
-    shipped |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "yolo_dysample" / "csrc").glob("*.cpp")}
-    shipped |= {f"yolo_dysample/{p.relative_to(REPO_ROOT).as_posix()}" for p in (REPO_ROOT / "cfg").rglob("*.yaml")}
+    shipped = set(HOOK_FILES) if _is_editable_install_of_this_checkout(distribution) else _shipped_files()
     assert installed == shipped, (
         f"installed files differ from this checkout: {sorted(installed ^ shipped)}; {reinstall}"
     )
     for name in sorted(installed):
         on_disk = Path(distribution.locate_file(name)).read_bytes()
-        assert on_disk == _installed_counterpart(name).read_bytes(), f"installed {name} is outdated; {reinstall}"
+        assert on_disk == (REPO_ROOT / name).read_bytes(), f"installed {name} is outdated; {reinstall}"
     return distribution
 
 

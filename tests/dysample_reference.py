@@ -9,7 +9,8 @@ The equations (Liu, Lu, Fu, Cao, "Learning to Upsample by Learning to Sample", I
 * offsets ``O``: LP runs a 1x1 conv on ``X`` (``C -> 2 g s^2``) and pixel-shuffles the result;
   PL pixel-shuffles ``X`` first and runs a 1x1 conv on that (``C / s^2 -> 2 g``). Either way we get
   one (x, y) offset per channel group and per *output* pixel. Static scope: ``O = 0.25 * conv``;
-  dynamic scope: ``O = 0.5 * sigmoid(scope_conv) * conv``.
+  dynamic scope: ``O = 0.5 * sigmoid(scope_conv) * conv`` (the scope conv's bias, present in the authors'
+  2023 layout only, is 0 when absent).
 * positions ``S = G + O`` in input-pixel units, where ``G`` is where bilinear interpolation
   samples output pixel ``(Y, X)``: ``((X + 0.5) / s, (Y + 0.5) / s)`` (pixel ``k`` spans ``[k, k+1]``).
 * output: each channel group sampled at its own points, bilinearly, with the sample index
@@ -41,9 +42,10 @@ class ReferenceWeights:
     scope_bias: np.ndarray | None = None
 
 
-def conv1x1(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """1x1 convolution: ``out[b, o, h, w] = sum_c weight[o, c] * features[b, c, h, w] + bias[o]``."""
-    return np.einsum("oc,bchw->bohw", weight[:, :, 0, 0], features) + bias[None, :, None, None]
+def conv1x1(features: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """1x1 convolution: ``out[b, o, h, w] = sum_c weight[o, c] * features[b, c, h, w] + bias[o]`` (no bias: 0)."""
+    out = np.einsum("oc,bchw->bohw", weight[:, :, 0, 0], features)
+    return out if bias is None else out + bias[None, :, None, None]
 
 
 def pixel_shuffle(x: np.ndarray, scale: int) -> np.ndarray:

@@ -2,12 +2,19 @@
 
 Each ``yolo`` call is a subprocess run from a temporary directory, with nothing imported by hand: the installed
 package's autoload hook is what makes ``model=yolov8n-dysample.yaml`` work. The expensive pieces (a tiny dataset, a
-checkpoint trained for one epoch by ``yolo train``) are session fixtures in ``conftest.py``.
+checkpoint trained for one epoch by ``yolo train``) are session fixtures in ``conftest.py``, which gives those commands
+an isolated, offline ultralytics configuration. ``test_everyday_commands_with_ultralytics_default_settings`` runs the
+commands as a new user does instead: a fresh home folder with ultralytics' default settings (relative ``runs_dir``),
+none of the test session's environment variables.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +241,56 @@ def test_python_api_trains_validates_and_predicts(tiny_shapes_dataset, tmp_path,
     assert results[0].orig_shape == (1080, 810)
     assert results[0].boxes.data.shape[1] == 6  # x1, y1, x2, y2, confidence, class
     assert len(_dysample_layers(YOLO(str(best)).model)) == 2
+
+
+def user_environment(home: Path) -> dict[str, str]:
+    """The test process's environment as a new user's shell would have it: a fresh ``HOME``, none of the variables
+    the test session sets (``YOLO_CONFIG_DIR`` with its prepared settings, ``YOLO_OFFLINE``, ``YOLO_AUTOINSTALL``,
+    ``YOLO_DYSAMPLE_*``, ``OMP_NUM_THREADS``), no ``PYTHONPATH``, and none of the variables by which ultralytics
+    detects a test run (``PYTEST_CURRENT_TEST``, GitHub Actions': it then writes runs inside its own package)."""
+    dropped = ("YOLO_", "ULTRALYTICS_", "XDG_", "PYTHONPATH", "PYTEST_", "OMP_NUM_THREADS", "GITHUB_", "RUNNER_")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(dropped)}
+    home.mkdir(parents=True, exist_ok=True)
+    environment["HOME"] = str(home)
+    return environment
+
+
+def test_everyday_commands_with_ultralytics_default_settings(installed_yolo_dysample, tmp_path):
+    """train -> val -> export onnx -> predict with the onnx file, from an empty folder, as a user types them."""
+    from ultralytics.utils import ASSETS
+
+    script = shutil.which("yolo", path=str(Path(sys.executable).parent))  # the `yolo` of this environment
+    yolo = [script] if script else [sys.executable, "-c", "from ultralytics.cfg import entrypoint; entrypoint()"]
+    work = tmp_path / "work"
+    work.mkdir()
+    environment = user_environment(tmp_path / "home")
+
+    def run(*arguments: str) -> str:
+        finished = subprocess.run(
+            [*yolo, *arguments], cwd=work, env=environment, capture_output=True, text=True, timeout=1200
+        )
+        output = finished.stdout + finished.stderr
+        assert finished.returncode == 0, f"yolo {' '.join(arguments)} exited {finished.returncode}\n{output[-4000:]}"
+        return output
+
+    run("train", "model=yolov8n-dysample.yaml", "data=dysample-shapes.yaml", "epochs=1", "imgsz=64")
+    train = work / "runs" / "detect" / "train"  # ultralytics' default runs_dir is relative to the working directory
+    best = train / "weights" / "best.pt"
+    assert best.is_file() and (train / "results.csv").is_file()
+    with open(train / "results.csv") as file:
+        assert len(list(csv.DictReader(file))) == 1
+    assert (tmp_path / "home" / ".config" / "Ultralytics" / "settings.json").is_file()  # a fresh settings file
+
+    output = run("val", "model=runs/detect/train/weights/best.pt", "data=dysample-shapes.yaml", "imgsz=64")
+    assert any(line.split()[:2] == ["all", "48"] for line in output.splitlines()), output[-2000:]  # 48 val images
+    assert (work / "runs" / "detect" / "val").is_dir()
+
+    run("export", "model=runs/detect/train/weights/best.pt", "format=onnx", "imgsz=64")
+    assert (train / "weights" / "best.onnx").is_file()
+
+    # save=True is the `yolo predict` default; spelt out for the `python -c` stand-in of environments without `yolo`
+    run("predict", "model=runs/detect/train/weights/best.onnx", f"source={ASSETS / 'bus.jpg'}", "imgsz=64", "save=True")
+    runs = sorted(str(path.relative_to(work)) for path in (work / "runs").rglob("*") if path.is_dir())
+    assert (work / "runs" / "detect" / "predict" / "bus.jpg").is_file(), runs
+    assert sorted(path.name for path in work.iterdir()) == ["datasets", "runs"]  # everything below the folder
+    assert (work / "datasets" / "dysample-shapes").is_dir()  # the default datasets_dir: beside the runs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_ultralytics_derives_boxes_from_the_polygons(small_dataset):
     assert (missing, found, empty, corrupt) == (0, 1, 0, 0), message
     assert tuple(shape) == (256, 256)
     assert len(boxes) == len(segments) == len(rows)
-    for (class_index, polygon), box, segment in zip(rows, boxes, segments):
+    for (class_index, polygon), box, segment in zip(rows, boxes, segments, strict=True):
         low, high = polygon.min(0), polygon.max(0)
         expected = [class_index, *((low + high) / 2), *(high - low)]  # class, x centre, y centre, width, height
         np.testing.assert_allclose(box, expected, atol=1e-5)
@@ -182,7 +183,9 @@ def test_ultralytics_builds_segmentation_masks_from_the_same_labels(tmp_path):
         sample = dataset[index]
         rows = _read_labels(root / "labels" / "val" / f"val_{index:04d}.txt")
         assert sample["masks"].shape == (len(rows), 256, 256)  # one full-resolution mask per polygon
-        for (class_index, polygon), mask, sample_class in zip(rows, sample["masks"].numpy(), sample["cls"]):
+        for (class_index, polygon), mask, sample_class in zip(
+            rows, sample["masks"].numpy(), sample["cls"], strict=True
+        ):
             assert int(sample_class) == class_index
             polygon = polygon * 256
             area = _polygon_area(polygon)
@@ -219,6 +222,8 @@ def test_generation_refuses_to_write_into_a_foreign_directory(small_dataset, tmp
         ({"train_images": 0}, "train_images=0"),
         ({"val_images": 2.5}, "val_images=2.5"),
         ({"image_size": 64}, "image_size=64"),
+        ({"test_images": -1}, "test_images=-1"),
+        ({"seed": True}, "seed=True"),
     ],
 )
 def test_bad_arguments_are_rejected_by_name(tmp_path, arguments, message):
@@ -246,11 +251,14 @@ def test_bundled_yaml_generates_the_dataset_on_first_use_by_bare_name(tmp_path, 
     started = time.perf_counter()
     data = data_utils.check_det_dataset("dysample-shapes.yaml")
     seconds = time.perf_counter() - started
-    print(f"\ndysample-shapes: first use generated 240 images in {seconds:.1f} s")
+    size_mb = sum(path.stat().st_size for path in (tmp_path / "datasets").rglob("*") if path.is_file()) / 1e6
+    print(f"\ndysample-shapes: first use generated 640 images ({size_mb:.0f} MB) in {seconds:.1f} s")
     root = tmp_path / "datasets" / "dysample-shapes"
     assert Path(data["path"]) == root
     assert len(list((root / "images" / "train").glob("*.png"))) == 192
     assert len(list((root / "images" / "val").glob("*.png"))) == 48
+    assert len(list((root / "images" / "test").glob("*.png"))) == 400  # the held-out split
+    assert Path(data["test"]) == root / "images" / "test"
     assert data["names"] == dict(enumerate(CLASS_NAMES))
     # the bundled YAML generates the same bytes as a direct call with the defaults
     assert (root / "images" / "val" / "val_0000.png").read_bytes() == cv2.imencode(
@@ -258,3 +266,45 @@ def test_bundled_yaml_generates_the_dataset_on_first_use_by_bare_name(tmp_path, 
         render_shapes_image(np.random.default_rng((0, 1, 0)), 256)[0][..., ::-1],
         [cv2.IMWRITE_PNG_COMPRESSION, datasets.PNG_COMPRESSION],
     )[1].tobytes()
+
+
+def test_the_test_split_has_its_own_streams_and_the_same_bytes_twice(small_dataset, tmp_path):
+    first = generate_shapes_dataset(tmp_path / "first", test_images=4, **SMALL_COUNTS)
+    second = generate_shapes_dataset(tmp_path / "second", test_images=4, **SMALL_COUNTS)
+    assert _files(first) == _files(second)
+    tests = sorted((first / "images" / "test").glob("*.png"))
+    assert [path.name for path in tests] == [f"test_{index:04d}.png" for index in range(4)]
+    assert len(list((first / "labels" / "test").glob("*.txt"))) == 4
+    held_out = {path.read_bytes() for path in tests}
+    seen = {path.read_bytes() for split in ("train", "val") for path in (small_dataset / "images" / split).iterdir()}
+    assert not held_out & seen  # no test image is a train or val image
+    for name, content in _files(small_dataset).items():  # adding a test split changes no other image
+        if name.endswith((".png", ".txt")):
+            assert (first / name).read_bytes() == content, name
+
+
+def test_a_test_split_is_added_to_a_dataset_generated_without_one(tmp_path):
+    root = generate_shapes_dataset(tmp_path / "shapes", train_images=3, val_images=2)
+    manifest_file = root / datasets.MANIFEST_NAME
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["test_images"]  # as written before the test split existed
+    manifest_file.write_text(json.dumps(manifest))
+    before = {name: content for name, content in _files(root).items() if not name.endswith(".json")}
+    assert generate_shapes_dataset(root, train_images=3, val_images=2, test_images=2) == root
+    after = _files(root)
+    assert all(after[name] == content for name, content in before.items())
+    assert len(list((root / "images" / "test").glob("*.png"))) == 2
+    assert json.loads(manifest_file.read_text())["test_images"] == 2
+    assert not list(root.glob(".test-split-*"))
+    with pytest.raises(FileExistsError, match="other arguments"):  # a different test split is not swapped in
+        generate_shapes_dataset(root, train_images=3, val_images=2, test_images=5)
+
+
+def test_written_yaml_names_the_test_split_when_there_is_one(tmp_path):
+    from ultralytics.data.utils import check_det_dataset
+
+    with_test = generate_shapes_dataset(tmp_path / "with", train_images=1, val_images=1, test_images=1)
+    without = generate_shapes_dataset(tmp_path / "without", train_images=1, val_images=1)
+    data = check_det_dataset(str(write_dataset_yaml(tmp_path / "with.yaml", with_test)))
+    assert Path(data["test"]) == with_test / "images" / "test"
+    assert "test:" not in write_dataset_yaml(tmp_path / "without.yaml", without).read_text()

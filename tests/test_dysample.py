@@ -7,8 +7,11 @@ a CUDA device is available (they are skipped on CPU-only machines, which include
 
 from __future__ import annotations
 
+import copyreg
 import inspect
 import math
+import pickle
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from yolo_dysample import DySample
+from yolo_dysample.dysample import ExportForm
 
 VARIANTS = [  # (style, dyscope): the paper's DySample, DySample+, DySample-S, DySample-S+
     pytest.param("lp", False, id="lp"),
@@ -49,7 +53,8 @@ def randomise(module: DySample, seed: int, offset_pixels: float = 3.0) -> Refere
     )
     if module.dyscope:
         weights.scope_weight = rng.normal(0.0, 2.0 / math.sqrt(conv_in), (conv_out, conv_in, 1, 1))
-        weights.scope_bias = rng.normal(0.0, 1.0, conv_out)
+        if module.scope.bias is not None:  # the 2023 layout
+            weights.scope_bias = rng.normal(0.0, 1.0, conv_out)
     load_weights(module, weights)
     return weights
 
@@ -61,6 +66,7 @@ def load_weights(module: DySample, weights: ReferenceWeights) -> None:
         module.offset.bias.copy_(torch.from_numpy(weights.offset_bias))
         if weights.scope_weight is not None:
             module.scope.weight.copy_(torch.from_numpy(weights.scope_weight))
+        if weights.scope_bias is not None:
             module.scope.bias.copy_(torch.from_numpy(weights.scope_bias))
 
 
@@ -72,7 +78,8 @@ def weights_of(module: DySample) -> ReferenceWeights:
 
     weights = ReferenceWeights(as_numpy(module.offset.weight), as_numpy(module.offset.bias))
     if module.scope is not None:
-        weights.scope_weight, weights.scope_bias = as_numpy(module.scope.weight), as_numpy(module.scope.bias)
+        weights.scope_weight = as_numpy(module.scope.weight)
+        weights.scope_bias = None if module.scope.bias is None else as_numpy(module.scope.bias)
     return weights
 
 
@@ -162,12 +169,13 @@ def test_lp_groups_shift_their_own_channels_by_hand():
 def test_dynamic_scope_moves_points_along_y_by_hand():
     # LP+, s=2, one group, input 4x1 = column [0, 10, 20, 30]. y-offset channels are 4..7.
     # offset bias 4, scope bias ln 3 -> sigmoid = 3/4 -> O_y = 0.5 * 3/4 * 4 = 1.5 pixels down.
+    # The scope bias comes in the authors' 2023 layout (new modules have none).
     module = DySample(1, scale=2, style="lp", groups=1, dyscope=True).double()
-    with torch.no_grad():
-        module.offset.weight.zero_()
-        module.offset.bias.copy_(torch.tensor([0.0] * 4 + [4.0] * 4))
-        module.scope.weight.zero_()
-        module.scope.bias.fill_(math.log(3.0))
+    state = module.state_dict()
+    state["offset.weight"].zero_()
+    state["offset.bias"] = torch.tensor([0.0] * 4 + [4.0] * 4, dtype=torch.float64)
+    state["scope.bias"] = torch.full((8,), math.log(3.0), dtype=torch.float64)
+    module.load_state_dict(state, strict=True)
     x = torch.tensor([0.0, 10.0, 20.0, 30.0], dtype=torch.float64).reshape(1, 1, 4, 1)
     # output row Y samples v = (Y + 0.5) / 2 - 0.5 + 1.5 = Y / 2 + 1.25, clamped to [0, 3]:
     # 1.25, 1.75, 2.25, 2.75, 3.25->3, ... -> 12.5, 17.5, 22.5, 27.5, 30, 30, 30, 30
@@ -230,13 +238,13 @@ def test_zero_offsets_equal_bilinear_interpolation(style, dyscope, scale, size):
 def test_initialisation_follows_the_paper(style, dyscope):
     torch.manual_seed(0)
     module = DySample(256, scale=2, style=style, groups=4, dyscope=dyscope)
-    # offset conv weights ~ N(0, 0.001), bias 0; scope conv all zeros
+    # offset conv weights ~ N(0, 0.001), bias 0; scope conv all zeros, without a bias (the authors' current layout)
     assert module.offset.weight.std().item() == pytest.approx(0.001, rel=0.15)
     assert module.offset.weight.mean().abs().item() < 2e-4
     assert torch.count_nonzero(module.offset.bias) == 0
     if dyscope:
         assert torch.count_nonzero(module.scope.weight) == 0
-        assert torch.count_nonzero(module.scope.bias) == 0
+        assert module.scope.bias is None
     else:
         assert module.scope is None
     # so a fresh DySample is bilinear interpolation up to offsets of ~1e-3 pixels
@@ -250,9 +258,12 @@ def test_initialisation_follows_the_paper(style, dyscope):
 # Checkpoints in the authors' layout and parameter counts
 
 
+@pytest.mark.parametrize("scope_bias", [False, True], ids=["current-layout", "2023-layout"])
 @pytest.mark.parametrize("scale", [2, 3])
 @pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
-def test_authors_state_dict_loads_strictly_and_gives_the_same_output(style, dyscope, scale):
+def test_authors_state_dict_loads_strictly_and_gives_the_same_output(style, dyscope, scale, scope_bias):
+    # Both layouts of the authors' code: a bias on the dynamic-scope conv in their 2023 releases (and in this
+    # package's earlier checkpoints), none since 2024 (and in new modules here).
     groups, channels = 2, smallest_channels(scale, style, 2, multiple=2)
     # the authors' layout, written out: LP conv C -> 2 g s^2, PL conv C / s^2 -> 2 g, 1x1 kernels
     conv_in, conv_out = (channels // scale**2, 2 * groups) if style == "pl" else (channels, 2 * groups * scale**2)
@@ -264,13 +275,15 @@ def test_authors_state_dict_loads_strictly_and_gives_the_same_output(style, dysc
     }
     if dyscope:
         checkpoint["scope.weight"] = rng.normal(0, 1.0 / math.sqrt(conv_in), (conv_out, conv_in, 1, 1))
-        checkpoint["scope.bias"] = rng.normal(0, 1.0, conv_out)
+        if scope_bias:
+            checkpoint["scope.bias"] = rng.normal(0, 1.0, conv_out)
     module = DySample(channels, scale=scale, style=style, groups=groups, dyscope=dyscope)
-    assert set(module.state_dict()) == set(checkpoint)
+    assert set(module.state_dict()) == set(checkpoint) - {"scope.bias"}  # new modules: the current layout
     # a fresh module already holds the authors' init_pos (so their layout is also our meaning of it)
     np.testing.assert_array_equal(module.init_pos.numpy(), checkpoint["init_pos"])
 
     module.load_state_dict({key: torch.from_numpy(value).float() for key, value in checkpoint.items()}, strict=True)
+    assert set(module.state_dict()) == set(checkpoint)  # saved again in the layout it was loaded from
     x = random_input((2, channels, 4, 5), seed=3)
     weights = ReferenceWeights(
         checkpoint["offset.weight"],
@@ -302,7 +315,7 @@ def test_parameter_counts_match_the_papers_table():
     assert weights_of(static) == channels * offset_outputs == 256 * 32
     assert weights_of(dynamic) == 2 * channels * offset_outputs
     assert sum(p.numel() for p in static.parameters()) == 256 * 32 + 32  # init_pos is a buffer, not a parameter
-    assert sum(p.numel() for p in dynamic.parameters()) == 2 * (256 * 32 + 32)
+    assert sum(p.numel() for p in dynamic.parameters()) == 2 * 256 * 32 + 32  # the scope conv has no bias
     assert upsamplers * weights_of(static) == 32768
     assert upsamplers * weights_of(dynamic) == 65536
     # the paper prints these in thousands cut to one decimal: 32.768 -> 32.7K, 65.536 -> 65.5K
@@ -327,9 +340,10 @@ def test_parameter_counts_match_the_papers_table():
         (dict(in_channels=16, style="pl", groups=8), ["groups=8", "in_channels / scale**2 = 4"]),
         (dict(in_channels=64, style="lpp"), ["style='lpp'", "'lp'", "'pl'"]),
         (dict(in_channels=64, style=None), ["style=None"]),
-        (dict(in_channels=64, scale=1), ["scale=1", ">= 2"]),
-        (dict(in_channels=64, scale=0), ["scale=0", ">= 2"]),
-        (dict(in_channels=64, scale=-2), ["scale=-2", ">= 2"]),
+        (dict(in_channels=64, scale=1), ["scale=1", "in [2, 16]"]),
+        (dict(in_channels=64, scale=0), ["scale=0", "in [2, 16]"]),
+        (dict(in_channels=64, scale=-2), ["scale=-2", "in [2, 16]"]),
+        (dict(in_channels=64, scale=17), ["scale=17", "in [2, 16]"]),
         (dict(in_channels=64, scale=2.5), ["scale=2.5", "whole number"]),
         (dict(in_channels=64, scale="2"), ["scale='2'", "whole number"]),
         (dict(in_channels=64, scale=True), ["scale=True", "whole number"]),
@@ -493,7 +507,7 @@ def test_gradients_reach_every_parameter_from_the_paper_initialisation(style, dy
     torch.manual_seed(0)
     module = DySample(16, scale=2, style=style, groups=4, dyscope=dyscope)
     module(torch.randn(2, 16, 5, 6)).square().sum().backward()
-    expected = {"offset.weight", "offset.bias"} | ({"scope.weight", "scope.bias"} if dyscope else set())
+    expected = {"offset.weight", "offset.bias"} | ({"scope.weight"} if dyscope else set())
     assert {name for name, _ in module.named_parameters()} == expected
     for name, parameter in module.named_parameters():
         assert parameter.grad is not None, name
@@ -534,7 +548,7 @@ def test_grid_sample_per_group_gives_the_same_output_with_one_call_per_group(sty
     randomise(module, seed=75, offset_pixels=2.0)
     x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
     expected = module(x)
-    module.grid_sample_per_group = True
+    module.export_form = module.export_form._replace(grid_sample_per_group=True)
     traced = torch.jit.trace(module, x)
     assert grid_sampler_calls(traced) == 2
     torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-12)
@@ -593,7 +607,7 @@ def test_litert_graph_builds_no_uint8_range(style, dyscope, sampler):
     # each aten.arange to stablehlo.iota. The converter folds iotas of int / float types into constants but
     # keeps a uint8 one as a STABLEHLO_IOTA op, which ai-edge-litert 2.3.0 cannot run (measured). torch
     # decomposes torch.eye into exactly that: arange(dtype=uint8) compared with itself.
-    from yolo_dysample.gather_sampling import set_sampler
+    from yolo_dysample.export_policy import set_sampler
 
     module = DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).eval()
     set_sampler(module, sampler)
@@ -656,9 +670,262 @@ def test_torch_compile_captures_one_full_graph_for_every_resolution_and_trains()
 
 def test_constructor_signature_and_repr():
     parameters = inspect.signature(DySample).parameters
-    assert list(parameters) == ["in_channels", "scale", "style", "groups", "dyscope"]
-    assert [parameters[name].default for name in ("scale", "style", "groups", "dyscope")] == [2, "lp", 4, False]
+    assert list(parameters) == ["in_channels", "scale", "style", "groups", "dyscope", "device", "dtype"]
+    defaults = [parameters[name].default for name in ("scale", "style", "groups", "dyscope", "device", "dtype")]
+    assert defaults == [2, "lp", 4, False, None, None]
     assert all(parameter.annotation is not inspect.Parameter.empty for parameter in parameters.values())
     text = repr(DySample(36, scale=3, style="pl", groups=2, dyscope=True))
     assert "in_channels=36, scale=3, style='pl', groups=2, dyscope=True" in text
     assert DySample.__doc__ and DySample.forward.__doc__
+
+
+# --------------------------------------------------------------------------------------------
+# Modules pickled by earlier versions, foreign state dicts, crafted checkpoints
+
+
+class EarlierPickle:
+    """Pickles as an earlier version's DySample did: the class by reference and its ``__dict__`` as it was then."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    @property
+    def __class__(self):  # what pickle records as the object's class
+        return DySample
+
+    def __reduce_ex__(self, protocol):
+        return copyreg.__newobj__, (DySample,), self.state
+
+
+def earlier_state(module: DySample, **attributes) -> dict:
+    """``module``'s ``__dict__`` in an earlier version's layout: export state in plain attributes, scope with a bias."""
+    state = {key: value for key, value in vars(module).items() if key != "export_form"}
+    state.update(sampler="grid_sample", grid_sample_per_group=False)
+    state.update(attributes)
+    return state
+
+
+def with_scope_bias(module: DySample, seed: int) -> DySample:
+    """``module`` with a random bias on its scope conv (the 2023 layout, which earlier versions pickled)."""
+    if module.scope is not None:
+        generator = torch.Generator().manual_seed(seed)
+        bias = torch.randn(module.scope.weight.shape[0], generator=generator, dtype=module.scope.weight.dtype)
+        module.scope.bias = torch.nn.Parameter(bias)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected_form"),
+    [
+        ({}, ExportForm()),
+        ({"sampler": "gather"}, ExportForm(sampler="gather")),
+        ({"grid_sample_per_group": True}, ExportForm(grid_sample_per_group=True)),
+        ({"drop": ("sampler", "grid_sample_per_group")}, ExportForm()),  # before either attribute existed
+    ],
+    ids=["grid_sample", "gather", "per-group", "no-attributes"],
+)
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_module_pickled_by_an_earlier_version_loads_and_computes_the_same(style, dyscope, attributes, expected_form):
+    module = with_scope_bias(DySample(16, scale=2, style=style, groups=2, dyscope=dyscope).double().eval(), seed=5)
+    weights = randomise(module, seed=96, offset_pixels=2.0)
+    if dyscope:
+        weights.scope_bias = module.scope.bias.detach().numpy()
+    attributes = dict(attributes)
+    state = earlier_state(module, **{k: v for k, v in attributes.items() if k != "drop"})
+    for name in attributes.get("drop", ()):
+        del state[name]
+    restored = pickle.loads(pickle.dumps(EarlierPickle(state)))
+    assert restored.export_form == expected_form
+    assert not hasattr(restored, "sampler")
+    x = random_input((2, 16, 4, 5), seed=97)
+    np.testing.assert_allclose(run_module(restored, x), dysample_reference(x.numpy(), weights, 2, style, 2), atol=1e-6)
+    again = pickle.loads(pickle.dumps(restored))  # and pickles again, in the current layout
+    assert again.export_form == expected_form
+    torch.testing.assert_close(again(x), restored(x), rtol=0, atol=0)
+
+
+def test_module_pickled_with_frozen_projection_buffers_keeps_them():
+    module = DySample(16, style="pl", groups=2, dyscope=True).double().eval()
+    randomise(module, seed=98, offset_pixels=2.0)
+    module.freeze_projection()
+    x = torch.randn(1, 16, 3, 4, dtype=torch.float64)
+    state = earlier_state(module)  # the buffers' presence was the switch then
+    restored = pickle.loads(pickle.dumps(EarlierPickle(state)))
+    assert restored.export_form == ExportForm(frozen_projection=True)
+    torch.testing.assert_close(restored(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_deepcopy_and_pickle_keep_the_export_form(style, dyscope):
+    import copy
+
+    module = DySample(16, style=style, groups=2, dyscope=dyscope)
+    form = ExportForm(sampler="gather", grid_sample_per_group=True, sampler_chosen_by_user=True)
+    module.export_form = form
+    assert copy.deepcopy(module).export_form == form
+    assert pickle.loads(pickle.dumps(module)).export_form == form
+    assert isinstance(module.__getstate__()["export_form"], dict)  # restricted unpickling knows no ExportForm
+
+
+def test_state_dict_of_another_scale_and_groups_is_refused_naming_both():
+    # scale=2, groups=4 and scale=4, groups=1 give the same shapes (32 offset channels): only init_pos tells
+    source = DySample(16, scale=2, groups=4).state_dict()
+    target = DySample(16, scale=4, groups=1)
+    assert {key: value.shape for key, value in source.items()} == {k: v.shape for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"encodes scale=2, groups=4, but this DySample has scale=4, groups=1"):
+        target.load_state_dict(source)
+    with pytest.raises(RuntimeError, match=r"encodes scale=2, groups=4"):
+        target.load_state_dict(source, strict=False)
+    target.load_state_dict(DySample(16, scale=4, groups=1).state_dict())  # its own configuration loads
+
+
+def test_state_dict_without_scope_bias_loads_into_a_module_that_has_one():
+    # a module unpickled from an earlier version (scope with bias) takes a current-layout state dict strictly
+    module = with_scope_bias(DySample(16, groups=2, dyscope=True).double(), seed=9)
+    current = DySample(16, groups=2, dyscope=True).double()
+    randomise(current, seed=10, offset_pixels=2.0)
+    module.load_state_dict(current.state_dict(), strict=True)
+    assert module.scope.bias is None
+    x = torch.randn(1, 16, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(module(x), current(x), rtol=0, atol=0)
+
+
+def crafted_checkpoint(path, **attributes):
+    """A normal-sized checkpoint whose DySample claims ``attributes`` (its tensors stay those of scale 2)."""
+    module = DySample(16, scale=2, style="pl", groups=1)
+    state = earlier_state(module, **attributes)
+    state["_buffers"] = {key: value for key, value in state["_buffers"].items() if key != "sub_pixel_identity"}
+    torch.save({"model": EarlierPickle(state)}, path)
+    assert path.stat().st_size < 100_000
+    return path
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"scale": 120}, r"scale=120 must be a whole number in \[2, 16\]"),
+        ({"scale": 300}, r"scale=300 must be a whole number in \[2, 16\]"),
+        ({"scale": 4}, r"needs offset.weight of shape \(2, 1, 1, 1\), the file holds \(2, 4, 1, 1\)"),
+        ({"groups": 4000}, r"groups=4000 must divide in_channels=16"),
+        ({"style": "xx"}, r"style='xx'"),
+    ],
+)
+def test_crafted_checkpoint_cannot_make_restricted_loading_allocate(tmp_path, attributes, message):
+    # ULTRALYTICS_SAFE_LOAD=1 loads with weights_only=True and DySample allowed (the adapter adds it); unpickling
+    # then runs DySample.__setstate__, which used to build a scale**4 identity from the claimed scale.
+    from ultralytics.nn.tasks import torch_safe_load
+
+    import yolo_dysample.ultralytics_adapter  # noqa: F401  (registration: DySample is a safe global)
+
+    path = crafted_checkpoint(tmp_path / "crafted.pt", **attributes)
+    with pytest.raises(Exception) as error:
+        torch_safe_load(str(path), safe_only=True)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation and torch's global RNG
+
+
+def test_dysample_initialisation_leaves_the_global_rng_stream_alone():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    first = DySample(64, groups=4, dyscope=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(3)
+    again = DySample(64, groups=4, dyscope=True)
+    assert torch.equal(first.offset.weight, again.offset.weight)  # follows the seed
+    torch.manual_seed(4)
+    assert not torch.equal(DySample(64, groups=4, dyscope=True).offset.weight, first.offset.weight)
+    on_float64 = (torch.manual_seed(3), DySample(64, groups=4, dyscope=True, dtype=torch.float64))[1]
+    torch.testing.assert_close(on_float64.offset.weight.float(), first.offset.weight, rtol=0, atol=0)
+
+
+def test_same_seed_gives_the_stock_models_weights_in_every_shared_layer():
+    from ultralytics.nn.tasks import DetectionModel
+
+    import yolo_dysample.ultralytics_adapter as adapter
+
+    adapter.register_with_ultralytics()
+    torch.manual_seed(0)
+    stock = DetectionModel("yolov8n.yaml", verbose=False).state_dict()
+    torch.manual_seed(0)
+    twin = DetectionModel("yolov8n-dysample.yaml", verbose=False).state_dict()
+    assert set(stock) <= set(twin)  # nn.Upsample has no tensors: the twin only adds DySample's
+    assert {".".join(key.split(".")[:2]) for key in set(twin) - set(stock)} == {"model.10", "model.13"}  # DySample
+    unequal = [key for key in stock if not torch.equal(stock[key], twin[key])]
+    assert unequal == []
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite values: NaN offsets read the first row / column, +-inf the border; nothing crashes
+
+NAN_WEIGHTS_BACKWARD = """
+import sys
+
+import torch
+
+from yolo_dysample import DySample, cpu_sampling
+
+style, dyscope = sys.argv[1], sys.argv[2] == "1"
+torch.manual_seed(0)
+module = DySample(16, style=style, groups=2, dyscope=dyscope)
+with torch.no_grad():
+    module.offset.weight.fill_(float("nan"))  # a diverged offset conv: every offset is NaN
+x = torch.randn(2, 16, 5, 6, requires_grad=True)
+outputs = {}
+for kernel in ("1", "0"):  # the compiled kernel where it builds, then the grid_sample path
+    with cpu_sampling.kernel_disabled() if kernel == "0" else torch.enable_grad():
+        module.zero_grad()
+        out = module(x)
+        out.square().sum().backward()
+    outputs[kernel] = out.detach()
+    assert torch.isfinite(out).all()
+    # NaN offsets read the first row and column: every output value of a channel is its input's top-left pixel
+    torch.testing.assert_close(out, x.detach()[:, :, :1, :1].expand_as(out), rtol=0, atol=0)
+    assert torch.count_nonzero(module.offset.weight.grad) == 0  # no gradient reaches a point clamped to the border
+torch.testing.assert_close(outputs["1"], outputs["0"], rtol=0, atol=0)  # kernel and grid_sample agree
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(("style", "dyscope"), VARIANTS)
+def test_backward_through_nan_offset_weights_runs_and_reads_the_first_pixel(style, dyscope):
+    # PyTorch's CPU grid_sampler_2d_backward (border padding) dies with SIGSEGV on a NaN point: run it apart.
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", NAN_WEIGHTS_BACKWARD, style, "1" if dyscope else "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize(("sampler", "opset"), [("grid_sample", 17), ("gather", 17), ("gather", 11)])
+def test_exported_onnx_graph_runs_on_nan_and_inf_input(tmp_path, sampler, opset):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from yolo_dysample.export_policy import set_sampler
+
+    module = DySample(16, groups=2, dyscope=True).eval()
+    randomise(module, seed=111, offset_pixels=2.0)
+    set_sampler(module, sampler)
+    path = tmp_path / "dysample.onnx"
+    torch.onnx.export(
+        module, (torch.randn(1, 16, 6, 7),), str(path), opset_version=opset, dynamo=False,
+        input_names=["x"], dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}},
+    )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 16, 6, 7)
+    x[0, :, 2, 3] = float("nan")  # one NaN pixel: its offsets are NaN, and so are the sampling points there
+    (out,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = module(x).numpy()
+    assert out.shape == (2, 16, 12, 14)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert np.isfinite(out[1]).all()  # the other image is untouched
+    x[1, :, 4, 1] = float("inf")  # +-inf features give infinite offsets; runtimes differ in how a 0 * inf weight
+    x[1, 3, 0, 0] = -float("inf")  # mixes in, so only: the graph runs
+    (out,) = session.run(None, {"x": x.numpy()})
+    assert out.shape == (2, 16, 12, 14)

@@ -7,22 +7,21 @@ sampler the export hook picks, loads through ultralytics' AutoBackend and is com
 checkpoint on letterboxed ``bus.jpg`` / ``zidane.jpg`` (raw outputs, boxes as fractions of the image;
 each case's metric and tolerance are in ``CASES``). The checks can fail: a sampler that ignores the
 offsets, scales the grid by 1.02 or pads with zeros moves the output by at least 10x every tolerance
-(``test_every_check_catches_a_broken_sampler_tenfold``). The helpers live in ``scripts/export_matrix.py``,
+(``test_every_check_catches_a_broken_sampler_tenfold``). The helpers live in ``yolo_dysample.tools.export_matrix``,
 which writes the same checks for every format into ``docs/export_matrix.md``.
 
-Toolchains: onnx / onnxruntime / onnxslim come with the ``test`` extra. OpenVINO, ncnn (+ pnnx) and
-MNN are installed by the ``export_toolchains`` fixture, PaddlePaddle + X2Paddle by ``paddle_toolchain``,
-from the pins of the ``export`` / ``paddle`` extras when missing (about 15 s and 7 s of pip). TensorFlow 2.19
-would downgrade this environment's numpy, so the SavedModel, pb, onnx2tf ``.tflite`` and ExecuTorch cases
-(``slow``) run in a scratch venv that ``tensorflow_executorch_python`` builds over this one from the
-``tensorflow`` and ``executorch`` extras (about 75 s of pip, 2.6 GB, deleted after the session; the five
-cases take about 140 s more). Core ML (Apple-only runtime) and LiteRT (litert-torch needs torch<2.15) are
-only in the matrix script.
+Toolchains: onnx / onnxruntime / onnxslim come with the ``test`` extra and run here. Every other toolchain is
+installed into a scratch environment that sees this one (``yolo_dysample.tools.scratch_env``), never into the
+environment running the tests, and is deleted after the session: OpenVINO, ncnn + pnnx, MNN, PaddlePaddle + X2Paddle
+from the ``export`` and ``paddle`` extras (``export_toolchains_python``), TensorFlow, onnx2tf, LiteRT and ExecuTorch
+from the ``tensorflow`` and ``executorch`` extras (``tensorflow_executorch_python``; TensorFlow 2.19 would downgrade
+numpy). Both are built from the extras alone, so a dependency an extra forgets fails its format's test. Those cases run
+in a subprocess with a ``pip`` on ``PATH`` that records any call: no export may install packages. Core ML
+(Apple-only runtime) and LiteRT from litert-torch (needs torch<2.15) are only in the matrix script.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -35,102 +34,68 @@ from pathlib import Path
 
 import pytest
 
-from yolo_dysample.gather_sampling import SAMPLER_ENVIRONMENT_VARIABLE
+from yolo_dysample.export_policy import SAMPLER_ENVIRONMENT_VARIABLE
+from yolo_dysample.tools import export_matrix
+from yolo_dysample.tools.scratch_env import create_scratch_env, install
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("export_matrix", REPO / "scripts" / "export_matrix.py")
-export_matrix = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("export_matrix", export_matrix)  # dataclasses look their module up while it executes
-_spec.loader.exec_module(export_matrix)
 
-CI_TOOLCHAINS = {"openvino": "openvino", "ncnn": "ncnn", "pnnx": "pnnx", "MNN": "MNN"}  # distribution -> module
-PADDLE_TOOLCHAIN = {"paddlepaddle": "paddle", "x2paddle": "x2paddle"}  # ~7 s of pip, ~730 MB on disk
-NO_DEPENDENCIES = {"ncnn", "pnnx"}  # as ultralytics installs them: ncnn would pull opencv-python
-# Extras installed into a scratch venv, never here: tensorflow 2.19 needs numpy<2.2 (this environment has 2.4)
-SCRATCH_VENV_EXTRAS = ("tensorflow", "executorch")
-TOOLCHAIN_PYTHON_VARIABLE = "YOLO_DYSAMPLE_TOOLCHAIN_PYTHON"  # an interpreter that has them already: no venv
+EXPORT_EXTRAS = ("export", "paddle")  # installed into one scratch environment
+SCRATCH_VENV_EXTRAS = ("tensorflow", "executorch")  # another one: tensorflow 2.19 needs numpy<2.2
+EXPORT_PYTHON_VARIABLE = "YOLO_DYSAMPLE_EXPORT_PYTHON"  # an interpreter that has the export extras already
+TOOLCHAIN_PYTHON_VARIABLE = "YOLO_DYSAMPLE_TOOLCHAIN_PYTHON"  # one that has the tensorflow/executorch extras
 TENSORFLOW_CASES = ["saved_model", "pb", "tflite (onnx2tf, fp32)", "tflite (onnx2tf, fp16)"]
 
 
 def export_extra(extras: tuple[str, ...] = ("export", "paddle")) -> dict[str, str]:
-    """The named extras of pyproject.toml (default ``export``, ``paddle``): distribution -> requirement string."""
+    """The named extras of pyproject.toml, ``yolo-dysample[...]`` references expanded: distribution -> requirement."""
     text = (REPO / "pyproject.toml").read_text()
     pins = {}
     for extra in extras:
         block = re.search(rf"^{extra}\s*=\s*\[(.*?)^\]", text, re.S | re.M)
         assert block, f"pyproject.toml has no [project.optional-dependencies] {extra} list"
-        requirements = re.findall(r'"([^"]+)"', block.group(1))
-        pins |= {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0]: req for req in requirements}
+        for requirement in re.findall(r'"([^"]+)"', block.group(1)):
+            included = re.fullmatch(r"yolo-dysample\[([\w,-]+)\]", requirement)
+            if included:
+                pins |= export_extra(tuple(included.group(1).split(",")))
+            else:
+                pins[re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]] = requirement
     return pins
 
 
-@pytest.fixture(scope="session")
-def export_toolchains() -> float:
-    """Install the CPU runtimes these tests use, pinned as in the ``export`` extra; returns the pip seconds."""
-    return install_missing_toolchains(CI_TOOLCHAINS, "export_toolchains")
+def scratch_toolchain_python(extras: tuple[str, ...], label: str, variable: str):
+    """Yield the interpreter of a scratch venv over this environment with ``extras`` installed; delete it after.
 
-
-@pytest.fixture(scope="session")
-def paddle_toolchain() -> float:
-    """Install PaddlePaddle and X2Paddle (``format=paddle``), pinned as in the ``export`` extra; the pip seconds."""
-    return install_missing_toolchains(PADDLE_TOOLCHAIN, "paddle_toolchain")
-
-
-def install_missing_toolchains(distributions: dict[str, str], label: str) -> float:
-    """pip install those of ``distributions`` that are missing, pinned as in the ``export`` extra; the seconds."""
-    pins = export_extra()
-    missing = [name for name in distributions if not _installed(name)]
-    started = time.perf_counter()
-    for group in (
-        [n for n in missing if n not in NO_DEPENDENCIES],
-        [n for n in missing if n in NO_DEPENDENCIES],
-    ):
-        if group:
-            command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"]
-            command += (["--no-deps"] if group[0] in NO_DEPENDENCIES else []) + [pins[name] for name in group]
-            subprocess.run(command, check=True, timeout=600)
-    seconds = time.perf_counter() - started
-    if missing:
-        print(f"\n{label}: pip installed {missing} in {seconds:.1f} s")
-    return seconds
-
-
-@pytest.fixture(scope="session")
-def tensorflow_executorch_python():
-    """Interpreter of a scratch venv with the ``tensorflow`` and ``executorch`` extras; deleted after the session.
-
-    The venv sees this interpreter's packages (torch, ultralytics, yolo-dysample, onnx) and installs only the two
-    extras over them, with torch held at its installed release as ultralytics installs ExecuTorch: about 75 s (venv
-    and pip, no pip cache) and 2.6 GB. ``YOLO_DYSAMPLE_TOOLCHAIN_PYTHON`` names an interpreter that has them
-    already instead.
+    torch is held at its installed release (as ultralytics installs ExecuTorch), so no extra can replace it. The
+    environment variable ``variable`` names an interpreter that has the extras already instead.
     """
-    existing = os.environ.get(TOOLCHAIN_PYTHON_VARIABLE)
+    existing = os.environ.get(variable)
     if existing:
         yield existing
         return
-    scratch = Path(tempfile.mkdtemp(prefix="yolo-dysample-toolchains-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"yolo-dysample-{label}-"))
     try:
         started = time.perf_counter()
-        venv = scratch / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
-        python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
-        held_torch = f"torch=={metadata.version('torch').split('+')[0]}"
-        requirements = [*export_extra(SCRATCH_VENV_EXTRAS).values(), held_torch]
-        command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"]
-        subprocess.run(command + requirements, check=True, timeout=1200)
+        python = create_scratch_env(scratch / "venv")
+        requirements = [*export_extra(extras).values(), f"torch=={metadata.version('torch').split('+')[0]}"]
+        install(python, requirements)
         seconds = time.perf_counter() - started
-        print(f"\ntensorflow_executorch_python: venv + pip install {requirements} in {seconds:.1f} s")
+        print(f"\n{label}: scratch venv + pip install {requirements} in {seconds:.1f} s")
         yield str(python)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+@pytest.fixture(scope="session")
+def export_toolchains_python():
+    """Interpreter of a scratch venv with the ``export`` and ``paddle`` extras."""
+    yield from scratch_toolchain_python(EXPORT_EXTRAS, "export-toolchains", EXPORT_PYTHON_VARIABLE)
+
+
+@pytest.fixture(scope="session")
+def tensorflow_executorch_python():
+    """Interpreter of a scratch venv with the ``tensorflow`` and ``executorch`` extras."""
+    yield from scratch_toolchain_python(SCRATCH_VENV_EXTRAS, "tensorflow-executorch", TOOLCHAIN_PYTHON_VARIABLE)
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +138,7 @@ def test_checkpoint_offsets_are_far_from_bilinear_interpolation(dysample_checkpo
     assert {(layer.style, layer.dyscope) for layer in layers} == {("lp", True), ("pl", False)}
     for layer in layers:
         features = torch.randn(1, layer.in_channels, 6, 6)
-        offsets = layer.float().sample_offsets(features)
+        offsets = layer.float().offsets(features)
         assert offsets.abs().mean() > 0.2  # input pixels
         difference = layer(features) - F.interpolate(features, scale_factor=2, mode="bilinear")
         assert difference.abs().mean() > 0.05
@@ -232,14 +197,16 @@ def test_torchscript_export_matches_pytorch(case_name, dysample_checkpoint, tmp_
     export_and_compare(case_name, dysample_checkpoint, tmp_path)
 
 
-def test_onnx_export_keeps_one_grid_sample_per_layer_and_matches_pytorch(
+def test_onnx_export_samples_with_standard_gathers_and_matches_pytorch(
     dysample_checkpoint, tmp_path, automatic_sampler
 ):
     import onnx
 
     row = export_and_compare("onnx", dysample_checkpoint, tmp_path)
     nodes = onnx.load(row["exported"]).graph.node
-    assert sum(node.op_type == "GridSample" for node in nodes) == 2  # two DySample layers, groups in the batch
+    assert not any(node.op_type == "GridSample" for node in nodes)  # ONNX's default: the difference-table gathers
+    assert sum(node.op_type == "Floor" for node in nodes) == 4  # x and y of two DySample layers
+    assert {node.domain for node in nodes} <= {"", "ai.onnx"}  # standard operators only
 
 
 def test_onnx_without_simplify_matches_pytorch(dysample_checkpoint, tmp_path, automatic_sampler):
@@ -261,8 +228,8 @@ def test_fp16_onnx_matches_pytorch_within_half_precision(dysample_checkpoint, tm
     assert onnx.TensorProto.FLOAT16 in initializer_types
 
 
-def test_onnx_opset_16_is_the_lowest_with_grid_sample(dysample_checkpoint, tmp_path, automatic_sampler):
-    row = export_and_compare("onnx opset=16", dysample_checkpoint, tmp_path)
+def test_onnx_opset_16_is_the_lowest_with_grid_sample(dysample_checkpoint, tmp_path):
+    row = export_and_compare("onnx opset=16", dysample_checkpoint, tmp_path, sampler="grid_sample")
     assert "GridSample" in onnx_op_types(row["exported"])
 
 
@@ -290,54 +257,90 @@ def test_forced_gather_sampler_onnx_matches_pytorch(dysample_checkpoint, tmp_pat
     assert "GridSample" not in onnx_op_types(row["exported"])
 
 
+def write_pip_recorder(directory: Path) -> Path:
+    """``pip`` and ``pip3`` commands in ``directory`` that append their arguments to ``directory/calls`` and fail."""
+    directory.mkdir(parents=True, exist_ok=True)
+    calls = directory / "calls"
+    for name in ("pip", "pip3"):
+        recorder = directory / name
+        recorder.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit 1\n')
+        recorder.chmod(0o755)
+    return calls
+
+
+def export_and_compare_with(python: str, case_name: str, checkpoint: Path, directory: Path) -> dict:
+    """Run one matrix case with another interpreter (``run_case_in_subprocess``); assert it passed, return its row.
+
+    A ``pip`` on ``PATH`` records every call (and fails it): the export must not have started one.
+    """
+    case = export_matrix.CASES_BY_NAME[case_name]
+    calls = write_pip_recorder(directory / "pip-recorder")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", os.pathsep.join([str(calls.parent), os.environ.get("PATH", "")]))
+        patch.delenv(SAMPLER_ENVIRONMENT_VARIABLE, raising=False)  # the export hook chooses
+        row = export_matrix.run_case_in_subprocess(python, case, "auto", directory, checkpoint)
+    logs = "".join(log.read_text()[-3000:] for log in directory.glob("*/log.txt"))
+    assert row["status"] == "pass", f"{row}\n--- log (tail)\n{logs}"
+    assert row[f"{case.metric}_abs_diff"] <= case.tolerance
+    assert not calls.exists(), f"the {case_name} export ran pip: {calls.read_text()}"
+    return row
+
+
+@pytest.mark.toolchains
 @pytest.mark.parametrize("case_name", ["openvino", "openvino dynamic", "openvino quantize=16"])
-def test_openvino_export_matches_pytorch(
-    case_name, dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler
-):
-    export_and_compare(case_name, dysample_checkpoint, tmp_path)
+def test_openvino_export_matches_pytorch(case_name, dysample_checkpoint, tmp_path, export_toolchains_python):
+    export_and_compare_with(export_toolchains_python, case_name, dysample_checkpoint, tmp_path)
 
 
-def test_ncnn_export_matches_pytorch(dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
-    row = export_and_compare("ncnn", dysample_checkpoint, tmp_path)
+@pytest.mark.toolchains
+def test_ncnn_export_matches_pytorch(dysample_checkpoint, tmp_path, export_toolchains_python):
+    row = export_and_compare_with(export_toolchains_python, "ncnn", dysample_checkpoint, tmp_path)
     # ncnn has no batch axis: the export hook makes each of the 4 channel groups of both layers its own GridSample
     (param,) = Path(row["exported"]).glob("*.param")
     assert [line.split()[0] for line in param.read_text().splitlines()[2:]].count("GridSample") == 8
 
 
-def test_paddle_export_matches_pytorch(dysample_checkpoint, tmp_path, paddle_toolchain, automatic_sampler):
-    # x2paddle has no grid_sampler: the hook picks the gather sampler and freezes the offset projection
-    export_and_compare("paddle", dysample_checkpoint, tmp_path)
+@pytest.mark.toolchains
+def test_paddle_export_matches_pytorch(dysample_checkpoint, tmp_path, export_toolchains_python):
+    # x2paddle has no grid_sampler: the hook picks the gather sampler and freezes the offset projection. x2paddle
+    # imports six without declaring it, so the paddle extra lists it.
+    export_and_compare_with(export_toolchains_python, "paddle", dysample_checkpoint, tmp_path)
 
 
+@pytest.mark.toolchains
 @pytest.mark.parametrize("case_name", ["mnn", "mnn dynamic"])
-def test_mnn_export_matches_pytorch(case_name, dysample_checkpoint, tmp_path, export_toolchains, automatic_sampler):
-    export_and_compare(case_name, dysample_checkpoint, tmp_path)
+def test_mnn_export_matches_pytorch_and_installs_nothing(
+    case_name, dysample_checkpoint, tmp_path, export_toolchains_python
+):
+    """MNN's converter imports a usage logger that runs ``pip install -U aliyun-log-python-sdk`` when that module is
+    missing (it downgraded protobuf, and ``import onnx`` failed after). The export must run no pip and leave the
+    environment consistent."""
 
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        command = [export_toolchains_python, *arguments]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
-def export_and_compare_with(python: str, case_name: str, checkpoint: Path, directory: Path) -> dict:
-    """Run one matrix case with another interpreter (``run_case_in_subprocess``); assert it passed, return its row."""
-    case = export_matrix.CASES_BY_NAME[case_name]
-    row = export_matrix.run_case_in_subprocess(python, case, "auto", directory, checkpoint)
-    logs = "".join(log.read_text()[-3000:] for log in directory.glob("*/log.txt"))
-    assert row["status"] == "pass", f"{row}\n--- log (tail)\n{logs}"
-    assert row[f"{case.metric}_abs_diff"] <= case.tolerance
-    return row
+    before = run("-m", "pip", "list", "--format=freeze").stdout
+    export_and_compare_with(export_toolchains_python, case_name, dysample_checkpoint, tmp_path)
+    assert run("-m", "pip", "list", "--format=freeze").stdout == before
+    checked = run("-m", "pip", "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    imported = run("-c", "import onnx, onnxruntime")
+    assert imported.returncode == 0, imported.stderr[-2000:]
 
 
 @pytest.mark.slow
+@pytest.mark.toolchains
 @pytest.mark.parametrize("case_name", TENSORFLOW_CASES)
-def test_tensorflow_export_matches_pytorch(
-    case_name, dysample_checkpoint, tmp_path, tensorflow_executorch_python, automatic_sampler
-):
+def test_tensorflow_export_matches_pytorch(case_name, dysample_checkpoint, tmp_path, tensorflow_executorch_python):
     # onnx2tf has no border-padded GridSample: the hook picks the gather sampler (the .tflite files come from the same
     # onnx2tf conversion as the SavedModel and run in LiteRT)
     export_and_compare_with(tensorflow_executorch_python, case_name, dysample_checkpoint, tmp_path)
 
 
 @pytest.mark.slow
-def test_executorch_export_matches_pytorch(
-    dysample_checkpoint, tmp_path, tensorflow_executorch_python, automatic_sampler
-):
+@pytest.mark.toolchains
+def test_executorch_export_matches_pytorch(dysample_checkpoint, tmp_path, tensorflow_executorch_python):
     export_and_compare_with(tensorflow_executorch_python, "executorch", dysample_checkpoint, tmp_path)
 
 
@@ -369,7 +372,6 @@ def test_yolo_cli_exports_onnx_then_predicts_and_validates_it(dysample_checkpoin
     local = tmp_path / dysample_checkpoint.name
     shutil.copyfile(dysample_checkpoint, local)
     environment = {k: v for k, v in os.environ.items() if k != SAMPLER_ENVIRONMENT_VARIABLE}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     environment["YOLO_AUTOINSTALL"] = "false"
 
     def yolo(*arguments: str) -> str:

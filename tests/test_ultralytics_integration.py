@@ -1,6 +1,7 @@
 """Ultralytics integration: parser registration, the autoload hook, checkpoints and the wheel.
 
-The bundled model YAMLs and their resolution by bare name are tested in ``test_ultralytics_yamls.py``.
+The DySample twins and their resolution by bare name are tested in ``test_ultralytics_yamls.py``; each head family
+training and exporting in ``test_ultralytics_families.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 
 from yolo_dysample import DySample
 from yolo_dysample.ultralytics_adapter import (
+    MINIMUM_ULTRALYTICS,
     SUPPORTED_ULTRALYTICS,
     TESTED_ULTRALYTICS_VERSIONS,
     DySampleRow,
@@ -146,8 +148,41 @@ def test_missing_parser_internals_raise_an_error_naming_the_ultralytics_version(
 def test_supported_range_matches_pyproject_and_the_tested_releases():
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert f'"ultralytics{SUPPORTED_ULTRALYTICS}"' in pyproject
-    oldest = TESTED_ULTRALYTICS_VERSIONS[0]
-    assert SUPPORTED_ULTRALYTICS.startswith(f">={oldest},")  # scripts/test.sh tests this lower bound
+    assert SUPPORTED_ULTRALYTICS.startswith(f">={MINIMUM_ULTRALYTICS},")
+    releases = [tuple(map(int, v.split("."))) for v in TESTED_ULTRALYTICS_VERSIONS]
+    assert TESTED_ULTRALYTICS_VERSIONS[0] == MINIMUM_ULTRALYTICS and releases == sorted(releases)
+    assert len({r[:2] for r in releases}) >= 3  # the oldest of each supported minor line, then the newest
+
+
+def test_registration_below_the_supported_range_names_the_installed_release_and_the_range(monkeypatch):
+    import ultralytics
+
+    monkeypatch.setattr(ultralytics, "__version__", "8.1.47")
+    with pytest.raises(UltralyticsIncompatibleError, match=r"ultralytics 8\.1\.47: .*before 8\.2\.0.*>=8\.2\.0,<8\.5"):
+        register_with_ultralytics()
+
+
+SAVE_CHECKPOINT = "from ultralytics import YOLO; import sys; YOLO('yolov8n-dysample.yaml').save(sys.argv[1])"
+EXPORT_AT_OPSET_12 = """
+import json, sys
+from ultralytics import YOLO
+model = YOLO(sys.argv[1])  # unpickling imports yolo_dysample: the first registration may happen only now
+report = {"callbacks": [f.__name__ for f in model.callbacks["on_export_start"]]}
+try:
+    report["exported"] = model.export(format="onnx", opset=12, imgsz=64)
+except Exception as error:
+    report["error"] = f"{type(error).__name__}: {error}"
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("autoload", ["1", "0"])
+def test_export_callback_reaches_a_model_made_before_explicit_registration(run_python, tmp_path, autoload):
+    checkpoint = tmp_path / "dysample.pt"
+    run_python(SAVE_CHECKPOINT, checkpoint, cwd=tmp_path)
+    report = _report(run_python(EXPORT_AT_OPSET_12, checkpoint, cwd=tmp_path, env={"YOLO_DYSAMPLE_AUTOLOAD": autoload}))
+    assert "error" not in report, report  # opset 12 has no GridSample: only our callback makes it exportable
+    assert Path(report["exported"]).is_file()
 
 
 def _ultralytics_sources_digest() -> str:
@@ -380,7 +415,7 @@ def test_wheel_ships_the_yamls_and_the_autoload_hook(built_wheel):
     names = set(zipfile.ZipFile(built_wheel).namelist())
     cfg = bundled_cfg_dir()
     expected_yamls = {f"yolo_dysample/cfg/{p.relative_to(cfg).as_posix()}" for p in cfg.rglob("*.yaml")}
-    assert len([n for n in expected_yamls if "/models/" in n]) == 62
+    assert len([n for n in expected_yamls if "/models/" in n]) == 4  # generated examples; twins are derived
     assert expected_yamls <= names
     assert {"yolo_dysample_autoload.pth", "_yolo_dysample_autoload.py", "yolo_dysample/ultralytics_adapter.py"} <= names
     pth = zipfile.ZipFile(built_wheel).read("yolo_dysample_autoload.pth").decode()

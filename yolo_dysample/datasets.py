@@ -8,7 +8,7 @@ downloaded: the bundled ``cfg/datasets/dysample-shapes.yaml`` names this module 
 ``download:`` field, which ``ultralytics.data.utils.check_det_dataset`` runs as Python (with the
 parsed YAML in scope as ``yaml``) when the images are missing, so
 ``yolo train data=dysample-shapes.yaml`` generates the dataset under the ultralytics
-``datasets_dir`` setting the first time, in a few seconds (about 3 s of CPU time for 240 images).
+``datasets_dir`` setting the first time, in a few seconds (about 3 s of CPU time per 240 images).
 
 Labels are YOLO-seg polygons (``class x1 y1 x2 y2 ...``, normalised to [0, 1]); the rendered
 shape *is* that polygon, so the polygon is the exact outline. Ultralytics derives detection boxes
@@ -17,12 +17,10 @@ and ``segment`` models.
 
 Generation is deterministic: every image has its own random stream seeded by
 ``(seed, split, index)``, so the same arguments give the same bytes, and changing the number of
-images does not change the images they have in common.
-
-This file holds :func:`generate_shapes_dataset` (write the dataset), :func:`render_shapes_image`
-(one image and its polygons), :func:`write_dataset_yaml` (a YAML for a dataset generated
-elsewhere, e.g. a smaller one in a test) and :func:`generate_from_dataset_yaml` (the
-``download:`` entry point).
+images does not change the images they have in common. The three splits draw from disjoint streams
+(split codes 0, 1, 2), so the held-out ``test`` split shares no image with ``train`` or ``val``;
+the bundled YAML asks for 400 test images, evaluated once at the end of a run, while the 48
+validation images keep the per-epoch validation cheap.
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from yolo_dysample.validation import as_whole_number
+
 __all__ = [
     "CLASS_NAMES",
     "DATASET_NAME",
@@ -50,7 +50,7 @@ __all__ = [
 
 DATASET_NAME = "dysample-shapes"
 CLASS_NAMES = ("circle", "triangle", "square")
-GENERATOR_VERSION = 1  # bump when the images change for the same arguments
+GENERATOR_VERSION = 1  # bump when the images change for the same arguments (a test split added none)
 MANIFEST_NAME = "dysample-shapes.json"  # written last: its presence means "generation finished"
 
 SMALL_OBJECT_SIZES = (3.0, 12.0)  # px, the longer side of the object's box
@@ -64,7 +64,7 @@ SENSOR_NOISE_STD = (3.0, 9.0)  # px-wise Gaussian noise added after drawing, 0..
 SUPERSAMPLING = 8  # anti-aliasing: polygons are filled on a grid this many times finer, then averaged
 SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point fraction bits on that grid: vertices placed to 1/128 px
 PNG_COMPRESSION = 1  # lossless, so a 3 px object keeps its edges; fastest zlib level (noise hardly compresses)
-SPLIT_CODES = {"train": 0, "val": 1}  # part of each image's seed
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # part of each image's seed: disjoint streams per split
 
 
 def _unit_polygon(class_index: int) -> np.ndarray:
@@ -215,16 +215,63 @@ def _label_lines(objects: list, image_size: int) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def _manifest(train_images: int, val_images: int, image_size: int, seed: int) -> dict:
+def _manifest(train_images: int, val_images: int, image_size: int, seed: int, test_images: int) -> dict:
     return {
         "name": DATASET_NAME,
         "generator_version": GENERATOR_VERSION,
         "train_images": train_images,
         "val_images": val_images,
+        "test_images": test_images,
         "image_size": image_size,
         "seed": seed,
         "names": list(CLASS_NAMES),
     }
+
+
+def _read_manifest(manifest_file: Path) -> dict | None:
+    """The manifest of a finished dataset (``test_images`` 0 when it predates the test split), else ``None``."""
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    manifest.setdefault("test_images", 0)
+    return manifest
+
+
+def _write_split(root: Path, split: str, count: int, image_size: int, seed: int) -> None:
+    """Render ``count`` images of ``split`` with their labels into ``root/images/<split>``, ``root/labels/<split>``."""
+    image_dir, label_dir = root / "images" / split, root / "labels" / split
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    for index in range(count):
+        rng = np.random.default_rng((seed, SPLIT_CODES[split], index))
+        image, objects = render_shapes_image(rng, image_size)
+        stem = f"{split}_{index:04d}"
+        ok, encoded = cv2.imencode(
+            ".png", image[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+        )  # cv2 wants BGR
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {stem}")
+        (image_dir / f"{stem}.png").write_bytes(encoded.tobytes())
+        (label_dir / f"{stem}.txt").write_text(_label_lines(objects, image_size))
+
+
+def _add_test_split(root: Path, manifest: dict) -> Path:
+    """Add the test split to a finished dataset that has none, leaving its train and val files untouched."""
+    staging = Path(tempfile.mkdtemp(prefix=".test-split-", dir=root))
+    try:
+        _write_split(staging, "test", manifest["test_images"], manifest["image_size"], manifest["seed"])
+        for kind in ("images", "labels"):
+            shutil.rmtree(root / kind / "test", ignore_errors=True)  # an earlier, interrupted attempt
+            os.replace(staging / kind / "test", root / kind / "test")
+        temporary = root / (MANIFEST_NAME + ".tmp")
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(temporary, root / MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
 
 
 def generate_shapes_dataset(
@@ -233,12 +280,14 @@ def generate_shapes_dataset(
     val_images: int = 48,
     image_size: int = 256,
     seed: int = 0,
+    test_images: int = 0,
 ) -> Path:
-    """Write the dataset (``images/{train,val}/*.png``, ``labels/{train,val}/*.txt``) under ``root``.
+    """Write the dataset (``images/{train,val,test}/*.png``, ``labels/{train,val,test}/*.txt``) under ``root``.
 
     The files are written to a temporary sibling directory and moved into place at the end, so an
     interrupted run leaves no half dataset and concurrent runs do not mix files. A finished
-    dataset carries a manifest; calling again with the same arguments returns at once.
+    dataset carries a manifest; calling again with the same arguments returns at once. A finished
+    dataset without a test split gets one added when ``test_images`` asks for it (its other files stay).
 
     Args:
         root (str | Path): Dataset directory to create.
@@ -246,6 +295,7 @@ def generate_shapes_dataset(
         val_images (int): Images in the ``val`` split.
         image_size (int): Height and width of every image, pixels (objects stay 3-12 px / 18-48 px).
         seed (int): Seed of the whole dataset.
+        test_images (int): Images in the held-out ``test`` split; 0 writes none.
 
     Returns:
         (Path): ``root``, resolved.
@@ -258,17 +308,20 @@ def generate_shapes_dataset(
         >>> sorted(p.name for p in (root / "images").iterdir())
         ['train', 'val']
     """
-    for name, value, minimum in (("train_images", train_images, 1), ("val_images", val_images, 1)):
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}")
-    if not isinstance(image_size, int) or image_size < 2 * LARGE_OBJECT_SIZES[1]:
-        raise ValueError(f"image_size={image_size!r} must be a whole number >= {2 * int(LARGE_OBJECT_SIZES[1])}")
+    train_images = as_whole_number("train_images", train_images, 1)
+    val_images = as_whole_number("val_images", val_images, 1)
+    test_images = as_whole_number("test_images", test_images, 0)
+    image_size = as_whole_number("image_size", image_size, 2 * int(LARGE_OBJECT_SIZES[1]))
+    seed = as_whole_number("seed", seed, 0)
     root = Path(root).resolve()
-    manifest = _manifest(train_images, val_images, image_size, seed)
+    manifest = _manifest(train_images, val_images, image_size, seed, test_images)
     manifest_file = root / MANIFEST_NAME
     if manifest_file.is_file():
-        if json.loads(manifest_file.read_text()) == manifest:
+        stored = _read_manifest(manifest_file)
+        if stored == manifest:
             return root
+        if stored is not None and stored["test_images"] == 0 and {**stored, "test_images": test_images} == manifest:
+            return _add_test_split(root, manifest)
         raise FileExistsError(f"{root} holds a {DATASET_NAME} dataset generated with other arguments; delete it first")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not an (unfinished) {DATASET_NAME} dataset; delete it first")
@@ -276,28 +329,16 @@ def generate_shapes_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        for split, count in (("train", train_images), ("val", val_images)):
-            image_dir, label_dir = staging / "images" / split, staging / "labels" / split
-            image_dir.mkdir(parents=True)
-            label_dir.mkdir(parents=True)
-            for index in range(count):
-                rng = np.random.default_rng((seed, SPLIT_CODES[split], index))
-                image, objects = render_shapes_image(rng, image_size)
-                stem = f"{split}_{index:04d}"
-                ok, encoded = cv2.imencode(
-                    ".png", image[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
-                )  # cv2 wants BGR
-                if not ok:
-                    raise RuntimeError(f"PNG encoding failed for {stem}")
-                (image_dir / f"{stem}.png").write_bytes(encoded.tobytes())
-                (label_dir / f"{stem}.txt").write_text(_label_lines(objects, image_size))
+        for split, count in (("train", train_images), ("val", val_images), ("test", test_images)):
+            if count:
+                _write_split(staging, split, count, image_size, seed)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             if root.exists():
                 root.rmdir()  # empty (checked above); a directory cannot replace a directory everywhere
             os.replace(staging, root)
         except OSError:  # another process got there first: fine if it wrote this very dataset
-            if not (manifest_file.is_file() and json.loads(manifest_file.read_text()) == manifest):
+            if _read_manifest(manifest_file) != manifest:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful os.replace
@@ -306,6 +347,8 @@ def generate_shapes_dataset(
 
 def write_dataset_yaml(yaml_file: str | Path, root: str | Path) -> Path:
     """Write an ultralytics dataset YAML for a dataset generated at ``root`` (an absolute path).
+
+    The YAML names the ``test`` split when the dataset has one.
 
     Args:
         yaml_file (str | Path): Where to write the YAML.
@@ -316,9 +359,11 @@ def write_dataset_yaml(yaml_file: str | Path, root: str | Path) -> Path:
     """
     yaml_file = Path(yaml_file)
     names = "\n".join(f"  {index}: {name}" for index, name in enumerate(CLASS_NAMES))
+    root = Path(root).resolve()
+    test = "test: images/test\n" if (root / "images" / "test").is_dir() else ""
     yaml_file.write_text(
         f"# {DATASET_NAME}, generated by yolo_dysample.datasets.generate_shapes_dataset\n"
-        f"path: {Path(root).resolve().as_posix()}\ntrain: images/train\nval: images/val\n\nnames:\n{names}\n"
+        f"path: {root.as_posix()}\ntrain: images/train\nval: images/val\n{test}\nnames:\n{names}\n"
     )
     return yaml_file
 
@@ -328,7 +373,7 @@ def generate_from_dataset_yaml(dataset: Mapping) -> Path:
 
     ``check_det_dataset`` has already resolved ``dataset["path"]`` (relative paths land under the
     ultralytics ``datasets_dir`` setting). Optional keys ``train_images``, ``val_images``,
-    ``image_size`` and ``seed`` override the defaults.
+    ``test_images``, ``image_size`` and ``seed`` override the defaults.
 
     Args:
         dataset (Mapping): The parsed YAML, as ``check_det_dataset`` passes it (``yaml`` in scope).
@@ -336,5 +381,6 @@ def generate_from_dataset_yaml(dataset: Mapping) -> Path:
     Returns:
         (Path): The dataset root.
     """
-    options = {key: dataset[key] for key in ("train_images", "val_images", "image_size", "seed") if key in dataset}
+    keys = ("train_images", "val_images", "test_images", "image_size", "seed")
+    options = {key: dataset[key] for key in keys if key in dataset}
     return generate_shapes_dataset(Path(dataset["path"]), **options)

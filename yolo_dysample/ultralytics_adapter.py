@@ -4,8 +4,9 @@
 never edits installed files, and patches only by adding names or wrapping functions at run time. The post-import
 hook in :mod:`_yolo_dysample_autoload` calls it in every process that imports ``ultralytics.nn.tasks``.
 
-Touch points. Checked against ultralytics 8.4.104, the oldest supported release (the first one with YOLO26 depth),
-and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
+Touch points. Checked against every release in :data:`TESTED_ULTRALYTICS_VERSIONS` (8.2.0 to 8.4.190), the range
+``pyproject.toml`` declares; registration refuses an older release, naming it and the range. An older release ships
+fewer stock YAMLs, and gets exactly the twins of the ones it has.
 
 1. **Model parser.** ``ultralytics.nn.tasks.parse_model`` resolves a YAML row's module name with
    ``globals()[name]`` in ``ultralytics.nn.tasks``. We add ``DySample`` to that namespace; the value is
@@ -23,13 +24,14 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    YAML build tests fail.
 2. **YAML lookup.** ``ultralytics.utils.checks.check_file`` finds a bare file name: it returns a local file first,
    then searches the ultralytics package tree. ``check_yaml`` calls it, and so do ``nn.tasks.yaml_model_load``
-   (model YAMLs, after reducing ``yolov8n-x.yaml`` to ``yolov8-x.yaml``) and ``data.utils.check_det_dataset``
+   (model YAMLs, which tries ``yolov8n-x.yaml`` and then ``yolov8-x.yaml``) and ``data.utils.check_det_dataset``
    (dataset YAMLs). We wrap ``check_file`` in ``checks`` and in every loaded ``ultralytics.*`` module that imported
-   it by name (``nn.tasks``, ``data.utils``, ``data.build``, ``engine.trainer``, ...). A bare YAML name that exists
-   under our ``cfg/models`` or ``cfg/datasets`` and is not a local file resolves to the bundled file. Everything
-   else goes to ultralytics unchanged, so a local file of the same name still wins.
-   If this moves: bare names such as ``yolov8n-dysample.yaml`` stop resolving (``FileNotFoundError``); explicit
-   paths keep working. Registration raises if ``check_file`` is missing.
+   it by name. A bare name that is not a local file resolves to our ``cfg/datasets`` file of that name, or, if it
+   is ``<stock stem><variant suffix>.yaml``, to the twin of the installed stock ``<stock stem>.yaml``. Twins are
+   derived from the installed stock file on first use and cached (:func:`twin_of_stock`), never shipped, so they
+   cannot drift from the user's release: a stock checkpoint of that release transfers every tensor. A twin name
+   whose stock file is missing raises ``FileNotFoundError`` naming the stock file. Everything else goes to
+   ultralytics unchanged. If this moves: bare twin names stop resolving; explicit paths keep working.
 3. **Restricted loading** (``ULTRALYTICS_SAFE_LOAD=1``). ``nn.tasks.torch_safe_load`` loads with
    ``torch.load(weights_only=True)``. Its ``_SafeLoad`` allow-list reaches torch as ``torch.serialization`` safe
    globals: a ``safe_globals()`` scope in 8.4.104, ``add_safe_globals`` in 8.4.190. We add ``DySample`` with
@@ -41,15 +43,14 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    ``<stem><rest>`` and ``guess_model_scale`` takes the scale letter after ``yolo``/``yolov`` plus digits. Our YAMLs
    are therefore named ``<stock stem>-dysample*.yaml`` (``yolo11s-seg-dysample.yaml`` -> ``yolo11-seg-dysample.yaml``
    at scale ``s``).
-5. **Export sampler** (section owned with ``yolo_dysample/gather_sampling.py``). ``Exporter.__call__`` fires the
+5. **Export callbacks** (the policy is :mod:`yolo_dysample.export_policy`). ``Exporter.__call__`` fires the
    ``on_export_start`` callbacks after it has deep-copied, fused and dry-run the model and before any converter
-   traces it; ``Model.export`` hands the exporter its callbacks, copied from
-   ``ultralytics.utils.callbacks.base.default_callbacks`` when the ``Model`` was made. We append
-   :func:`yolo_dysample.gather_sampling.choose_sampler_for_export` to that default list, so every export switches
-   the copy's DySample layers to the sampler its format needs (``gather`` where GridSample is missing or wrong,
-   ``YOLO_DYSAMPLE_SAMPLER`` overrides) and refuses ONNX opsets too low for DySample with a clear error.
-   If this moves: registration raises if ``default_callbacks`` has no ``on_export_start`` list; if the event fires
-   later than the converters, formats without GridSample fail to export or mismatch, which the export tests catch.
+   traces it. ``Model`` copies ``callbacks.base.default_callbacks`` when it is made, so a model made before
+   registration (e.g. ``YOLO("x.pt")`` whose unpickling first imports yolo_dysample) would miss an entry added
+   there. We append :func:`configure_dysample_for_export` and :func:`keep_mnn_from_installing_packages` to the
+   default list and also wrap ``callbacks.add_integration_callbacks``, which every ``Exporter.__init__`` calls,
+   to add them to that exporter's own list. If this moves: registration raises if ``default_callbacks`` has no
+   ``on_export_start`` list; ONNX export at opset < 16 fails on ``grid_sampler`` (the export tests catch it).
 6. **GFLOPs** (``model.info()``, the training log, ``yolo-dysample compare``).
    ``ultralytics.utils.torch_utils.get_flops`` counts with thop (``ultralytics-thop``), whose rules are forward
    hooks looked up by module type in the dict ``thop.profile.register_hooks``. DySample's forward runs its 1x1
@@ -59,37 +60,68 @@ and 8.4.190. ``pyproject.toml`` declares ``ultralytics>=8.4.104,<8.5``.
    FLOPs).
    If this moves: nothing breaks, DySample's GFLOPs read low again (the GFLOPs test fails). Without thop
    ultralytics reports 0 GFLOPs for every model and we register nothing.
+7. **MNN converter.** ``format=mnn`` imports MNN's converter, whose usage logger pip-installs a package and
+   contacts the network at import; :func:`keep_mnn_from_installing_packages` (``on_export_start``, like 5) keeps
+   that logger unimported. If this moves: the MNN export test sees a ``pip`` run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import glob
+import hashlib
 import inspect
 import os
+import re
 import sys
+import tempfile
+from copy import deepcopy
 from pathlib import Path
 
+import yaml
 from torch import nn
 
+from yolo_dysample import twins
 from yolo_dysample.dysample import DySample
 
 __all__ = [
-    "BUNDLED_YAML_KINDS",
+    "CACHE_ENVIRONMENT_VARIABLE",
+    "CFG_DIR",
     "DySampleRow",
+    "MINIMUM_ULTRALYTICS",
     "SUPPORTED_ULTRALYTICS",
     "TESTED_ULTRALYTICS_VERSIONS",
     "UltralyticsIncompatibleError",
     "bundled_cfg_dir",
     "bundled_yaml",
-    "bundled_yamls",
     "count_dysample_multiply_adds",
+    "derive_twin",
+    "dysample_input_channels",
     "dysample_multiply_adds",
+    "update_examples",
+    "families_table",
     "register_with_ultralytics",
+    "resolve_bare_yaml",
+    "stock_model_yaml",
+    "stock_models_dir",
+    "stock_upsampling_yamls",
+    "twin_bare_name",
+    "twin_of_stock",
+    "update_families_table",
+    "write_twin",
 ]
 
-SUPPORTED_ULTRALYTICS = ">=8.4.104,<8.5"  # as declared in pyproject.toml
-TESTED_ULTRALYTICS_VERSIONS = ("8.4.104", "8.4.190")  # oldest and newest release the test suite runs against
-BUNDLED_YAML_KINDS = ("models", "datasets")  # sub-folders of cfg/ whose files resolve by bare name
+MINIMUM_ULTRALYTICS = "8.2.0"
+SUPPORTED_ULTRALYTICS = f">={MINIMUM_ULTRALYTICS},<8.5"  # as declared in pyproject.toml
+# The releases the test command runs the integration tests on: the oldest of each supported minor line, then the
+# newest one tested. scripts/test.sh reads this tuple.
+TESTED_ULTRALYTICS_VERSIONS = ("8.2.0", "8.3.0", "8.4.104", "8.4.190")
+CFG_DIR = Path(__file__).resolve().parent / "cfg"  # datasets/ resolve by bare name; models/ holds examples
+CACHE_ENVIRONMENT_VARIABLE = (
+    "YOLO_DYSAMPLE_CACHE_DIR"  # derived twins go to <it>/twins (default ~/.cache/yolo_dysample)
+)
 PARSER_LOCALS = ("ch", "f", "i", "m", "args")  # parse_model locals we read: the row being built
 _MAX_FRAMES_TO_PARSER = 8  # DySampleRow.__new__ <- (genexpr for n > 1 repeats) <- parse_model
 _WRAPPED_MARK = "__yolo_dysample_wrapped__"
@@ -104,16 +136,26 @@ def _ultralytics_version() -> str:
         import ultralytics
 
         return str(ultralytics.__version__)
-    except Exception:  # noqa: BLE001 - only used inside error messages
+    except Exception:  # noqa: BLE001 - only used inside error messages and cache keys
         return "unknown"
 
 
 def _incompatible(what: str) -> UltralyticsIncompatibleError:
     return UltralyticsIncompatibleError(
         f"yolo-dysample cannot hook into ultralytics {_ultralytics_version()}: {what}. "
-        f"Supported: ultralytics{SUPPORTED_ULTRALYTICS} (tested {' and '.join(TESTED_ULTRALYTICS_VERSIONS)}); "
+        f"Supported: ultralytics{SUPPORTED_ULTRALYTICS} (tested {', '.join(TESTED_ULTRALYTICS_VERSIONS)}); "
         f"install a supported release or update yolo-dysample."
     )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _check_version() -> None:
+    installed = _ultralytics_version()
+    if installed != "unknown" and _release(installed) < _release(MINIMUM_ULTRALYTICS):
+        raise _incompatible(f"releases before {MINIMUM_ULTRALYTICS} are not supported")
 
 
 # --------------------------------------------------------------------------------------------------- model parser
@@ -137,6 +179,17 @@ def _parser_state() -> tuple[int, object, list]:
         "a 'DySample' YAML row was built outside ultralytics.nn.tasks.parse_model, so its input channels are unknown "
         "(to build the layer directly, use yolo_dysample.DySample(in_channels, ...))"
     )
+
+
+_measuring_channels = contextvars.ContextVar("yolo_dysample_measuring_channels", default=False)
+
+
+class _ChannelProbe(nn.Identity):
+    """What a DySample row builds while :func:`dysample_input_channels` measures: its input channels only."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
 
 
 class DySampleRow(nn.Module):
@@ -163,6 +216,8 @@ class DySampleRow(nn.Module):
             in_channels = channels[from_index]
         except (IndexError, TypeError):
             raise ValueError(f"{where}: from={from_index} does not name an earlier layer") from None
+        if _measuring_channels.get():
+            return _ChannelProbe(in_channels)
         try:
             return DySample(in_channels, *args)
         except (TypeError, ValueError) as error:
@@ -241,52 +296,372 @@ def _check_parser(tasks) -> None:
 
 # ---------------------------------------------------------------------------------------------------- YAML lookup
 def bundled_cfg_dir() -> Path:
-    """Folder holding the bundled ``models/`` and ``datasets/`` YAMLs.
+    """The package's ``cfg`` folder: ``datasets/`` (resolved by bare name) and ``models/`` (generated examples)."""
+    return CFG_DIR
 
-    In an installed wheel it is ``yolo_dysample/cfg``; in a source checkout it is the repository's ``cfg``.
+
+def stock_models_dir() -> Path:
+    """The installed ultralytics' ``cfg/models`` folder, where the stock model YAMLs are."""
+    import ultralytics
+
+    return Path(ultralytics.__file__).resolve().parent / "cfg" / "models"
+
+
+def stock_model_yaml(name: str) -> Path | None:
+    """The installed ultralytics' stock model YAML called ``name`` (a bare file name), else ``None``."""
+    found = sorted(stock_models_dir().rglob(glob.escape(name))) if _is_bare_name(name) else []
+    return found[0] if found else None
+
+
+def stock_upsampling_yamls() -> list[Path]:
+    """Every stock model YAML of the installed ultralytics with an ``nn.Upsample`` row, in a stable order."""
+    root = stock_models_dir()
+    found = [p for p in root.rglob("*.yaml") if "nn.Upsample" in p.read_text(encoding="utf-8")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _is_bare_name(name: str) -> bool:
+    return bool(name) and os.sep not in name and "/" not in name and "://" not in name
+
+
+def _stock_source_name(stock_yaml: Path) -> str:
+    return "ultralytics/cfg/models/" + stock_yaml.relative_to(stock_models_dir()).as_posix()
+
+
+def dysample_input_channels(text: str) -> dict[int, list[int]]:
+    """For each ``nn.Upsample`` row of a model YAML text, its input channels at every width scale of the model.
+
+    Builds :func:`yolo_dysample.twins.probe_text` with ultralytics' own parser on the meta device (shapes only,
+    no weights), once per scale in ``scales`` (once if there is none): the channels are what parse_model infers.
+    The DySample rows build a channel probe, not a DySample, while it measures.
     """
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / "cfg", package_dir.parent / "cfg"):
-        if (candidate / "models").is_dir():
-            return candidate
-    raise FileNotFoundError(f"yolo-dysample's cfg/models folder is missing next to {package_dir}")
+    import torch
+    from ultralytics.nn import tasks
+
+    register_with_ultralytics()
+    probe = yaml.safe_load(twins.probe_text(text))
+    rows = [row.layer for row in twins.upsample_rows(text)]
+    channels: dict[int, list[int]] = {layer: [] for layer in rows}
+    for scale in probe.get("scales") or [None]:
+        model = deepcopy(probe)
+        if scale is not None:
+            model["scale"] = scale
+        token = _measuring_channels.set(True)
+        try:
+            with torch.device("meta"):  # shapes only: every scale of the largest models in well under a second
+                layers, _ = tasks.parse_model(model, model.get("channels", model.get("ch", 3)), verbose=False)
+        finally:
+            _measuring_channels.reset(token)
+        for layer in rows:
+            built = layers[layer]
+            first = next(iter(built)) if isinstance(built, nn.Sequential) else built
+            channels[layer].append(first.in_channels)
+    return channels
 
 
-@functools.lru_cache(maxsize=1)
-def bundled_yamls() -> dict[str, Path]:
-    """Map each bundled YAML's file name to its path (model and dataset YAMLs; names are unique)."""
-    cfg = bundled_cfg_dir()
-    found: dict[str, Path] = {}
-    for kind in BUNDLED_YAML_KINDS:
-        for path in sorted((cfg / kind).rglob("*.y*ml")):
-            if path.name in found:
-                raise RuntimeError(f"two bundled YAMLs share the name {path.name}: {found[path.name]} and {path}")
-            found[path.name] = path
-    return found
+def derive_twin(source: str | os.PathLike, variant: str | twins.Variant = "dysample", groups: int | None = None) -> str:
+    """Text of the DySample twin of the model YAML file ``source`` (see :func:`yolo_dysample.twins.twin_text`).
+
+    Raises:
+        ValueError: ``source`` has no ``nn.Upsample`` row, ``variant`` is unknown, or ``groups`` does not divide
+            a row's input channels at every scale of the model.
+    """
+    path = Path(source)
+    chosen = variant if isinstance(variant, twins.Variant) else twins.variant_named(variant)
+    text = path.read_text(encoding="utf-8")
+    try:
+        name = _stock_source_name(path.resolve())
+    except ValueError:  # not a stock file
+        name = path.name
+    rows = twins.upsample_rows(text)
+    if not rows:
+        raise ValueError(f"{name} has no nn.Upsample row to replace")
+    return twins.twin_text(text, chosen, _input_channels_of(text), name, groups)
 
 
-def bundled_yaml(name: str | os.PathLike) -> Path | None:
-    """Path of the bundled YAML called ``name`` (a bare file name such as ``yolov8-dysample.yaml``), else ``None``."""
+@functools.lru_cache(maxsize=256)
+def _input_channels_of(text: str) -> dict[int, list[int]]:
+    return dysample_input_channels(text)
+
+
+def write_twin(
+    source: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    variant: str = "dysample",
+    groups: int | None = None,
+) -> Path:
+    """Write the DySample twin of a model YAML (a path, or the bare name of a stock YAML) and return its path.
+
+    Layer indices, ``from`` fields and comments are kept; only the ``nn.Upsample`` rows change.
+
+    Args:
+        source: A model YAML file, or a stock name such as ``yolov8-p2.yaml``.
+        output: Where to write; default ``<source stem>-<variant>.yaml`` in the current directory.
+        variant: ``dysample``, ``dysample-plus``, ``dysample-s`` or ``dysample-s-plus``.
+        groups: Offset groups of every DySample row; default: 4, or the largest of 2 and 1 that fits a row.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither a file nor a stock model YAML.
+        ValueError: As :func:`derive_twin`, or ``output`` is ``source`` itself.
+
+    Examples:
+        >>> from yolo_dysample.ultralytics_adapter import write_twin
+        >>> write_twin("my-model.yaml", variant="dysample-s")  # writes my-model-dysample-s.yaml
+    """
+    path = Path(source)
+    if not path.is_file():
+        stock = stock_model_yaml(str(source))
+        if stock is None:
+            raise FileNotFoundError(f"{source} is neither a file nor a stock model YAML of ultralytics")
+        path = stock
+    chosen = twins.variant_named(variant)
+    target = Path(output) if output is not None else Path(f"{path.stem}{chosen.suffix}.yaml")
+    if target.exists() and target.resolve() == path.resolve():
+        raise ValueError(f"the twin would overwrite its source {path}")
+    _write_atomically(target, derive_twin(path, chosen, groups))
+    return target
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(partial, target)  # readers never see half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _twin_cache_dirs() -> list[Path]:
+    configured = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
+    base = Path(configured) if configured else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    primary = base if configured else base / "yolo_dysample"
+    fallback = Path(tempfile.gettempdir()) / f"yolo_dysample-{getattr(os, 'getuid', lambda: 'user')()}"
+    return [primary / "twins", fallback / "twins"]
+
+
+def twin_of_stock(stock_yaml: Path, variant: twins.Variant) -> Path:
+    """Path of the twin of an installed stock YAML, derived on first use and kept in the twin cache.
+
+    The cache key is the ultralytics version, the stock file's SHA-256 and :data:`yolo_dysample.twins.TWIN_FORMAT`,
+    so a twin always equals a derivation from the installed stock file. A cached file is used only if it passes
+    :func:`yolo_dysample.twins.is_twin_of`; an unwritable cache falls back to the temporary directory.
+    """
+    text = stock_yaml.read_text(encoding="utf-8")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    key = f"ultralytics-{_ultralytics_version()}/{digest}-f{twins.TWIN_FORMAT}/{stock_yaml.stem}{variant.suffix}.yaml"
+    memo = _twin_paths.get(key)
+    if memo is not None and memo.is_file():
+        return memo
+    derived = None
+    errors = []
+    for directory in _twin_cache_dirs():
+        path = directory / key
+        try:
+            if path.is_file() and twins.is_twin_of(path.read_text(encoding="utf-8"), text, variant):
+                _twin_paths[key] = path
+                return path
+            derived = derived or derive_twin(stock_yaml, variant)
+            _write_atomically(path, derived)
+            _twin_paths[key] = path
+            return path
+        except OSError as error:
+            errors.append(f"{directory}: {error}")
+    raise OSError(f"cannot write the DySample twin {Path(key).name}: {'; '.join(errors)}")
+
+
+_twin_paths: dict[str, Path] = {}
+
+
+def resolve_bare_yaml(name: str | os.PathLike) -> Path | None:
+    """The file a bare YAML name resolves to: a bundled dataset YAML, or a stock model's DySample twin, else ``None``.
+
+    ``<stock stem><variant suffix>.yaml`` (e.g. ``yolov8-seg-dysample-plus.yaml``) names the twin of the installed
+    ultralytics' ``<stock stem>.yaml``; ultralytics has already removed the scale letter (``yolov8s-seg-...``).
+
+    Raises:
+        FileNotFoundError: ``name`` is a twin name whose stock YAML exists but has no ``nn.Upsample`` row.
+    """
     text = str(name).strip()
-    if not text or os.sep in text or "/" in text or "://" in text:
+    if not _is_bare_name(text):
         return None
-    return bundled_yamls().get(text)
+    dataset = CFG_DIR / "datasets" / text
+    if dataset.is_file():
+        return dataset
+    split = twins.split_twin_name(text)
+    if split is None:
+        return None
+    stock_name, variant = split
+    stock = stock_model_yaml(stock_name)
+    if stock is None:
+        return None
+    if "nn.Upsample" not in stock.read_text(encoding="utf-8"):
+        raise FileNotFoundError(
+            f"{text!r} would be the DySample twin of {_stock_source_name(stock)}, which has no nn.Upsample row "
+            f"(ultralytics {_ultralytics_version()})"
+        )
+    return twin_of_stock(stock, variant)
+
+
+bundled_yaml = resolve_bare_yaml  # the name older code uses
+
+
+def _not_derivable(name: str) -> FileNotFoundError | None:
+    split = twins.split_twin_name(name) if _is_bare_name(name) else None
+    if split is None:
+        return None
+    return FileNotFoundError(
+        f"{name!r} names the DySample twin of the stock model YAML {split[0]!r}, which ultralytics "
+        f"{_ultralytics_version()} does not have (looked in {stock_models_dir()}). For a model YAML of your own, "
+        f"write its twin with `yolo-dysample twin <file>.yaml`"
+    )
 
 
 def _wrap_check_file(check_file):
     @functools.wraps(check_file)
-    def check_file_with_bundled_yamls(file, *args, **kwargs):
-        bundled = bundled_yaml(file)
-        if bundled is not None and not os.path.exists(str(file).strip()):  # a local file of that name wins
-            return str(bundled)
-        return check_file(file, *args, **kwargs)
+    def check_file_with_twins(file, *args, **kwargs):
+        text = str(file).strip()
+        if not os.path.exists(text):  # a local file of that name wins
+            resolved = resolve_bare_yaml(text)
+            if resolved is not None:
+                return str(resolved)
+        try:
+            return check_file(file, *args, **kwargs)
+        except FileNotFoundError as error:
+            clearer = _not_derivable(text)
+            if clearer is None:
+                raise
+            raise clearer from error
 
-    setattr(check_file_with_bundled_yamls, _WRAPPED_MARK, True)
-    return check_file_with_bundled_yamls
+    setattr(check_file_with_twins, _WRAPPED_MARK, True)
+    return check_file_with_twins
 
 
 def _patch_yaml_lookup(checks) -> None:
     _wrap_everywhere(checks, "check_file", _wrap_check_file)  # check_yaml calls checks.check_file
+
+
+# ------------------------------------------------------------------------------------------ the families table
+FAMILY_NAMES = {"v3": "YOLOv3", "v5": "YOLOv5", "v8": "YOLOv8", "v9": "YOLOv9", "v10": "YOLOv10", "11": "YOLO11",
+                "12": "YOLO12", "26": "YOLO26", "rt-detr": "RT-DETR"}  # fmt: skip
+TASK_ORDER = ("detect", "segment", "pose", "obb", "semantic", "depth")
+
+
+def twin_bare_name(stock_yaml: Path, variant: twins.Variant) -> str:
+    """The bare name that builds the twin of ``stock_yaml`` at its first scale, as stock names carry scales.
+
+    ``yolov8.yaml`` -> ``yolov8n-dysample.yaml``; ``yoloe-11-seg.yaml`` -> ``yoloe-11n-seg-dysample.yaml``;
+    names without a scale letter (``yolov9t.yaml``, ``rtdetr-l.yaml``, ``yolov3-tiny.yaml``) only get the suffix.
+    """
+    from ultralytics.nn.tasks import guess_model_scale
+
+    stem = stock_yaml.stem
+    scales = list((yaml.safe_load(stock_yaml.read_text(encoding="utf-8")) or {}).get("scales") or [])
+    scaled = re.match(r"^(yolo(?:e-)?v?\d+)(-.*)?$", stem)  # digits then '-' or the end: no scale letter yet
+    if scales and scaled and not guess_model_scale(f"{stem}.yaml"):
+        stem = f"{scaled.group(1)}{scales[0]}{scaled.group(2) or ''}"
+    return f"{stem}{variant.suffix}.yaml"
+
+
+def _family(stock_yaml: Path) -> str:
+    family = FAMILY_NAMES.get(stock_yaml.parent.name, stock_yaml.parent.name)
+    stem = stock_yaml.stem
+    if stem.startswith("yoloe-"):
+        return f"YOLOE ({family})"
+    for part, label in (("-worldv2", "World v2"), ("-world", "World"), ("-ghost", "Ghost"), ("-rtdetr", "RT-DETR")):
+        if part in stem:
+            return f"{family}-{label}"
+    return family
+
+
+def families_table() -> str:
+    """Markdown table of the installed ultralytics' upsampling stock YAMLs, one row per family.
+
+    Each row gives the family's tasks and, for each variant, the offset groups its twins use (the paper's 4
+    unless a row's channels forbid it).
+    """
+    from ultralytics.nn.tasks import guess_model_task
+
+    folders = list(FAMILY_NAMES)
+    families: dict[str, dict] = {}
+    for stock in stock_upsampling_yamls():
+        task = guess_model_task(yaml.safe_load(stock.read_text(encoding="utf-8"))) or "detect"
+        family = families.setdefault(
+            _family(stock),
+            {"order": folders.index(stock.parent.name) if stock.parent.name in folders else len(folders),
+             "tasks": set(), "stocks": [], "groups": {v.suffix: set() for v in twins.VARIANTS}},
+        )  # fmt: skip
+        family["tasks"].add(task)
+        family["stocks"].append(stock)
+        for variant in twins.VARIANTS:
+            twin = yaml.safe_load(twin_of_stock(stock, variant).read_text(encoding="utf-8"))
+            family["groups"][variant.suffix] |= {
+                row[3][2] for row in twin["backbone"] + twin["head"] if row[2] == "DySample"
+            }
+    variants = [twins.variant_named(name) for name in ("dysample", "dysample-plus", "dysample-s", "dysample-s-plus")]
+    total = sum(len(family["stocks"]) for family in families.values())
+    lines = [
+        f"ultralytics {_ultralytics_version()}: {total} stock model YAMLs with `nn.Upsample`, {len(variants) * total} "
+        "twins. Variant columns: the offset groups the twins use.",
+        "",
+        "| Family | Tasks | Stock YAMLs | Example | " + " | ".join(f"`{v.suffix}`" for v in variants) + " |",
+        "|---|---|---:|---|" + "---|" * len(variants),
+    ]
+    for name, family in sorted(families.items(), key=lambda item: (item[1]["order"], item[0])):
+        tasks = ", ".join(sorted(family["tasks"], key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99))
+        base = min(family["stocks"], key=lambda stock: (len(stock.stem), stock.stem))
+        cells = [", ".join(str(g) for g in sorted(family["groups"][v.suffix], reverse=True)) for v in variants]
+        lines.append(
+            f"| {name} | {tasks} | {len(family['stocks'])} | `{twin_bare_name(base, variants[0])}` | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def update_families_table(document: str | os.PathLike, check: bool = False) -> bool:
+    """Write :func:`families_table` between the families markers of ``document`` (e.g. README.md).
+
+    Returns:
+        Whether the document was already current. With ``check=True`` nothing is written.
+    """
+    path = Path(document)
+    current = path.read_text(encoding="utf-8")
+    fresh = twins.replace_marked_block(current, families_table())
+    if fresh != current and not check:
+        _write_atomically(path, fresh)
+    return fresh == current
+
+
+EXAMPLE_STOCK_YAMLS = ("yolov8.yaml",)  # their twins are written to cfg/models/ for reading; lookup never uses them
+
+
+def update_examples(check: bool = False) -> list[str]:
+    """Write the example twins (every variant of :data:`EXAMPLE_STOCK_YAMLS`) to ``cfg/models/``.
+
+    Returns:
+        The file names that were stale (with ``check=True`` nothing is written).
+    """
+    directory = CFG_DIR / "models"
+    fresh = {}
+    for name in EXAMPLE_STOCK_YAMLS:
+        stock = stock_model_yaml(name)
+        if stock is None:
+            raise FileNotFoundError(f"ultralytics {_ultralytics_version()} has no stock {name}")
+        for variant in twins.VARIANTS:
+            fresh[f"{stock.stem}{variant.suffix}.yaml"] = derive_twin(stock, variant)
+    current = {path.name: path.read_text(encoding="utf-8") for path in directory.glob("*.yaml")}
+    stale = sorted(set(current) ^ set(fresh)) + sorted(n for n in fresh if n in current and current[n] != fresh[n])
+    if not check:
+        for name in set(current) - set(fresh):
+            (directory / name).unlink()
+        for name, text in fresh.items():
+            if current.get(name) != text:
+                _write_atomically(directory / name, text)
+    return stale
 
 
 # ------------------------------------------------------------------------------------------------ restricted load
@@ -298,17 +673,67 @@ def _allow_in_restricted_load() -> None:
         add_safe_globals([DySample])
 
 
-# ------------------------------------------------------------ export sampler (see yolo_dysample/gather_sampling.py)
-def _choose_sampler_on_export() -> None:
-    from ultralytics.utils.callbacks import base
+# ----------------------------------------------------------------- export sampler (policy: yolo_dysample.export_policy)
+def configure_dysample_for_export(exporter) -> None:
+    """``on_export_start`` callback: the exported copy's DySample layers take what the format and opset need.
 
-    from yolo_dysample.gather_sampling import choose_sampler_for_export
+    ``Exporter.__call__`` fires it after it has deep-copied, fused and dry-run the model (``exporter.model``) and
+    before any converter traces it, so it changes only what is exported. The choice itself is the export policy's.
+    """
+    model = getattr(exporter, "model", None)
+    if not isinstance(model, nn.Module):
+        return
+    args = getattr(exporter, "args", None)
+    export_format = str(getattr(args, "format", "") or "").lower()
+    opset = getattr(args, "opset", None)
+    from yolo_dysample.export_policy import configure_for_export
+
+    configure_for_export(model, export_format, opset)
+
+
+def _export_start_callbacks() -> tuple:
+    return (configure_dysample_for_export, keep_mnn_from_installing_packages)
+
+
+def _wrap_add_integration_callbacks(add_integration_callbacks):
+    @functools.wraps(add_integration_callbacks)
+    def add_integration_and_export_callbacks(instance, *args, **kwargs):
+        result = add_integration_callbacks(instance, *args, **kwargs)
+        event = getattr(instance, "callbacks", {}).get("on_export_start")
+        if type(instance).__name__ == "Exporter" and isinstance(event, list):
+            event.extend(callback for callback in _export_start_callbacks() if callback not in event)
+        return result
+
+    setattr(add_integration_and_export_callbacks, _WRAPPED_MARK, True)
+    return add_integration_and_export_callbacks
+
+
+def _add_export_callbacks() -> None:
+    """Every export runs :func:`_export_start_callbacks`, also from a ``Model`` made before registration."""
+    from ultralytics.utils.callbacks import base
 
     event = getattr(base, "default_callbacks", {}).get("on_export_start")
     if not isinstance(event, list):
         raise _incompatible("ultralytics.utils.callbacks.base.default_callbacks has no 'on_export_start' list")
-    if choose_sampler_for_export not in event:
-        event.append(choose_sampler_for_export)
+    event.extend(callback for callback in _export_start_callbacks() if callback not in event)
+    _wrap_everywhere(base, "add_integration_callbacks", _wrap_add_integration_callbacks)
+
+
+# ------------------------------------------------------------------------ MNN converter: no pip run, no telemetry
+MNN_USAGE_LOGGER = "MNN.tools.utils.log"  # imported by MNN.tools.mnnconvert inside try/except
+
+
+def keep_mnn_from_installing_packages(exporter) -> None:
+    """``on_export_start`` callback: for ``format=mnn``, keep MNN's usage logger from being imported.
+
+    ultralytics' MNN export imports ``MNN.tools.mnnconvert``, which imports ``MNN.tools.utils.log`` inside a bare
+    ``try/except``. That module runs ``os.system("pip install -U aliyun-log-python-sdk")`` when ``aliyun.log`` is
+    missing (measured with MNN 3.6.1: it downgraded protobuf, after which ``import onnx`` failed) and contacts an
+    Alibaba Cloud endpoint at import. A ``None`` entry in ``sys.modules`` makes that import fail; MNN then runs with
+    ``mnn_logger = None`` and converts exactly as before. A logger the process imported earlier is left alone.
+    """
+    if str(getattr(getattr(exporter, "args", None), "format", "")).lower() == "mnn":
+        sys.modules.setdefault(MNN_USAGE_LOGGER, None)
 
 
 # ------------------------------------------------------------------------------------------- GFLOPs through thop
@@ -366,10 +791,11 @@ def register_with_ultralytics() -> None:
     from ultralytics.nn import tasks
     from ultralytics.utils import checks
 
+    _check_version()
     _check_parser(tasks)
     _patch_yaml_lookup(checks)
     _allow_in_restricted_load()
     _wrap_everywhere(tasks, "parse_model", _wrap_parse_model)  # errors in a DySample row name the layer
-    _choose_sampler_on_export()  # export sampler section
+    _add_export_callbacks()  # export sampler and MNN converter sections
     _count_flops_with_thop()  # GFLOPs section
     tasks.DySample = DySampleRow  # parse_model: globals()["DySample"]
