@@ -181,3 +181,6 @@ def test_use_sampler_around_ultralytics_export_gives_a_gather_graph(monkeypatch,
     assert operators.count("GridSample") == 0
     assert 2 <= operators.count("Gather") < automatic_operators.count("Gather")  # one per layer, not four
     assert samplers(model.model) == ["grid_sample", "grid_sample"]  # restored after the block
+    with use_sampler(model.model, "grid_sample"):  # the other way round: GridSample where the default has none
+        chosen = model.export(format="onnx", imgsz=64, simplify=False)
+    assert onnx_operators(chosen).count("GridSample") == 2

@@ -112,7 +112,9 @@ class DySample(nn.Module):
     output pixel. The sampling set is ``S = G + O``: ``G`` places each of the ``scale**2`` sub-pixels of an
     input pixel where bilinear interpolation samples (``init_pos``), ``O`` is the learned offset, and the
     output is ``grid_sample(X, S)`` with bilinear weights and border padding. :meth:`forward` is those three
-    steps; on the CPU in eager mode a compiled kernel samples from ``O`` directly (``cpu_sampling.py``).
+    steps; on the CPU in eager mode a compiled kernel samples from ``O`` directly (``cpu_sampling.py``). Offsets
+    that are not finite (a diverged model) never crash a path: a NaN coordinate samples as ``-inf`` (the first row
+    or column), ``+-inf`` as the border, in forward and backward (``sampling.sampling_grid``).
 
     Portability constraints. The maths is the same in every form; how it is spelt follows what toolchains
     accept (measured with the export matrix, ``docs/export_matrix.md``). Lines that obey a constraint carry
@@ -128,6 +130,8 @@ class DySample(nn.Module):
     ``[onnx<12]``           ``Clip`` on floats only (ONNX opset 9-11)                    ``grid_sample_by_gather``
     ``[onnx<16]``           no ``GridSample`` (ONNX opset 9-15)                          ``export_policy``: gather
     ``[onnx2tf]``           ``GridSample`` only with zeros padding (TensorFlow formats)  ``export_policy``: gather
+    ``[onnxruntime]``       its CPU ``GridSample`` is slow (about 20 ns per value)       ``export_policy``:
+                                                                                         difference tables
     ``[ncnn]``              no batch axis: a ``(B * groups)``-batch ``GridSample``       ``grid_sample_per_group``
                             crashes it (``format=ncnn``)
     ``[pnnx]``              no ``narrow`` (``format=ncnn``)                              ``grid_sample_per_group``

@@ -4,7 +4,7 @@ Every form computes the same values (``tests/test_sampling.py``); they differ in
 holds. Which formats need which form is measured, not assumed: the export matrix
 (``python -m yolo_dysample.tools.export_matrix``) exports with each sampler and writes ``docs/export_matrix.md``.
 
-Precedence, highest first: ``YOLO_DYSAMPLE_SAMPLER=grid_sample|gather`` (the process), a sampler chosen in code with
+Precedence, highest first: ``YOLO_DYSAMPLE_SAMPLER`` naming a sampler (the process), a sampler chosen in code with
 :func:`set_sampler` / :func:`use_sampler` (the layer), the automatic choice of :func:`sampler_for_export` (the
 format). The Ultralytics adapter applies :func:`configure_for_export` to the exporter's copy of the model from its
 ``on_export_start`` callback, so the user's model is never changed by an export.
@@ -122,7 +122,7 @@ def use_sampler(model: nn.Module, sampler: str) -> Iterator[nn.Module]:
 def sampler_for_export(export_format: str, opset: int | None = None, chosen: str | None = None) -> str:
     """The sampler an export to ``export_format`` gets.
 
-    ``YOLO_DYSAMPLE_SAMPLER=grid_sample`` or ``=gather`` forces a choice; else ``chosen`` (a layer's sampler chosen
+    ``YOLO_DYSAMPLE_SAMPLER`` naming one of :data:`SAMPLERS` forces a choice; else ``chosen`` (a layer's sampler chosen
     in code) is kept; else, unset or ``auto``, ``"gather"`` for :data:`FORMATS_NEEDING_GATHER`,
     ``"difference_tables"`` for :data:`FORMATS_PREFERRING_DIFFERENCE_TABLES` (every opset DySample exports at),
     ``"gather"`` for other formats' ONNX below opset 16 (no GridSample there), ``"grid_sample"`` otherwise.

@@ -122,6 +122,7 @@ CFG_DIR = Path(__file__).resolve().parent / "cfg"  # datasets/ resolve by bare n
 CACHE_ENVIRONMENT_VARIABLE = (
     "YOLO_DYSAMPLE_CACHE_DIR"  # derived twins go to <it>/twins (default ~/.cache/yolo_dysample)
 )
+ROW_ARGUMENTS = ("scale", "style", "groups", "dyscope")  # a DySample row's args, in order
 PARSER_LOCALS = ("ch", "f", "i", "m", "args")  # parse_model locals we read: the row being built
 _MAX_FRAMES_TO_PARSER = 8  # DySampleRow.__new__ <- (genexpr for n > 1 repeats) <- parse_model
 _WRAPPED_MARK = "__yolo_dysample_wrapped__"
@@ -216,6 +217,11 @@ class DySampleRow(nn.Module):
             in_channels = channels[from_index]
         except (IndexError, TypeError):
             raise ValueError(f"{where}: from={from_index} does not name an earlier layer") from None
+        if len(args) > len(ROW_ARGUMENTS):  # a fifth positional argument would reach DySample's device
+            raise TypeError(
+                f"{where}: DySample rows take at most {len(ROW_ARGUMENTS)} positional arguments "
+                f"[{', '.join(ROW_ARGUMENTS)}], got {len(args)}"
+            )
         if _measuring_channels.get():
             return _ChannelProbe(in_channels)
         try:

@@ -328,7 +328,18 @@ void sample(const void* input_data, const void* offsets_data, const void* initia
     }
     // not a std::vector: no zero-filling of a buffer that is overwritten at once
     std::unique_ptr<T[]> packed(new T[static_cast<size_t>(shape.batch * shape.channels * shape.height * shape.width)]);
-    const int64_t tasks = shape.batch * shape.groups * shape.height;
+    const int64_t units = shape.batch * shape.groups, unit_rows = shape.scale * shape.height;
+    if (units % threads == 0 || units >= 4 * threads) {
+        // whole (image, group) units per thread: each transposes and samples its own, no barrier in between
+        run_parts(threads, [&](int64_t part) {
+            const int64_t first = units * part / threads, last = units * (part + 1) / threads;
+            to_channels_last(input, packed.get(), shape, first * shape.height, last * shape.height);
+            sample_rows_channels_last(packed.get(), offsets, initial, output, shape, first * unit_rows,
+                                      last * unit_rows);
+        });
+        return;
+    }
+    const int64_t tasks = units * shape.height;  // else: transpose everything, then split the rows
     run_parts(threads, [&](int64_t part) {
         to_channels_last(input, packed.get(), shape, tasks * part / threads, tasks * (part + 1) / threads);
     });

@@ -176,7 +176,7 @@ def _runner(runtime: str, exported: str, threads: int, image: np.ndarray) -> Cal
         net = ncnn.Net()
         net.opt.num_threads = threads
         if net.load_param(str(next(Path(exported).glob("*.param")))) or not net.output_names():
-            raise RuntimeError(f"ncnn cannot load {exported} (a layer it does not know, see its log)")
+            raise RuntimeError(f"ncnn cannot load {Path(exported).name} (a layer it does not know, see its log)")
         net.load_model(str(next(Path(exported).glob("*.bin"))))
         sample = np.ascontiguousarray(image[0])
 
