@@ -47,6 +47,25 @@ print(" ".join(version for version in tested if version != metadata.version("ult
         step "ultralytics $release in a scratch environment: ${release_tests[*]}"
         scratch="$(mktemp -d)"
         scratch_python="$("$python" -m yolo_dysample.tools.scratch_env "$scratch/venv" --no-deps "ultralytics==$release")"
+        # The release's own requirements that this environment lacks (8.2 and 8.3 need pandas, scipy, seaborn and
+        # py-cpuinfo), without their version pins: those releases cap numpy below 2, which the installed torch outgrew.
+        missing="$("$scratch_python" -c '
+import importlib.metadata as metadata, re
+missing = []
+for requirement in metadata.requires("ultralytics") or []:
+    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+    if ";" in requirement:
+        continue
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        missing.append(name)
+print(" ".join(missing))')"
+        if [[ -n "$missing" ]]; then
+            echo "   installing the release's missing requirements into the scratch environment: $missing"
+            # shellcheck disable=SC2086  # one word per requirement
+            "$scratch_python" "${pip_install[@]}" $missing || status=1
+        fi
         "$scratch_python" -m pytest -p no:cacheprovider -m "not newest_ultralytics_only" -k "not wheel" \
             "${release_tests[@]}" || status=1
         rm -rf "$scratch"

@@ -6,7 +6,6 @@ from the embedded shapes dataset; pose and OBB labels are derived from its polyg
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -141,15 +140,6 @@ def _break_score_ties(network: torch.nn.Module) -> None:
                 module.bias.add_(torch.randn(module.bias.shape, generator=generator))
 
 
-def _exporter_turns_dynamo_off() -> bool:
-    """Whether this ultralytics passes ``dynamo=False`` to ``torch.onnx.export`` (older releases do not)."""
-    import ultralytics
-
-    root = Path(ultralytics.__file__).parent
-    sources = [*(root / "engine").glob("export*.py"), *(root / "utils" / "export").glob("*.py")]
-    return any("dynamo" in path.read_text(encoding="utf-8") for path in sources)
-
-
 def _model(model_class: str, name: str):
     import ultralytics
 
@@ -190,11 +180,9 @@ EXPORTED = [  # one model per family: torch vs ONNX Runtime on the same input
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_class", "name"), EXPORTED, ids=[e[1] for e in EXPORTED])
-def test_family_exports_to_onnx_with_the_outputs_of_torch(model_class, name, tmp_path):
+def test_family_exports_to_onnx_with_the_outputs_of_torch(model_class, name, tmp_path, onnx_export_works):
     import onnxruntime
 
-    if importlib.util.find_spec("onnxscript") is None and not _exporter_turns_dynamo_off():
-        pytest.skip("this ultralytics calls torch.onnx.export without dynamo=False: this torch then needs onnxscript")
     model = _model(model_class, _first_available(name))
     _break_score_ties(model.model)
     imgsz = image_size(model_class)

@@ -134,7 +134,8 @@ class DySample(nn.Module):
                                                                                          difference tables
     ``[ncnn]``              no batch axis: a ``(B * groups)``-batch ``GridSample``       ``grid_sample_per_group``
                             crashes it (``format=ncnn``)
-    ``[pnnx]``              no ``narrow`` (``format=ncnn``)                              ``grid_sample_per_group``
+    ``[pnnx]``              no ``narrow``; no ``gt`` / ``lt`` / ``where``, so ncnn       ``grid_sample_per_group``,
+                            clamps +-inf but keeps NaN coordinates (``format=ncnn``)     ``forward``
     ``[litert]``            ``torch.eye``'s uint8 ``arange`` stays a ``STABLEHLO_IOTA``  ``sub_pixel_identity``
                             that ai-edge-litert cannot run (``format=litert``)
     ``[rank<=4]``           intermediates of rank <= 4 (converters with 4-D layouts)     ``_projection``,
@@ -256,7 +257,8 @@ class DySample(nn.Module):
         offsets = self.offsets(x)  # O, (group, sub-pixel, axis)
         if not torch.jit.is_scripting() and self._kernel_applies(x):
             return self._sample_with_kernel(x, offsets)  # eager CPU: samples at G + O without a grid
-        points = sampling_grid(x, offsets, self.init_pos, self.groups, self.scale)  # S = G + O
+        nan_to_first = not self.export_form.grid_sample_per_group  # [pnnx]
+        points = sampling_grid(x, offsets, self.init_pos, self.groups, self.scale, nan_to_first)  # S = G + O
         return self._sample(x, points)
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:

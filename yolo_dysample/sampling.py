@@ -63,7 +63,12 @@ def _in_onnx_export() -> bool:
 
 
 def sampling_grid(
-    x: torch.Tensor, offsets: torch.Tensor, initial_positions: torch.Tensor, groups: int, scale: int
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    initial_positions: torch.Tensor,
+    groups: int,
+    scale: int,
+    nan_to_first: bool = True,
 ) -> torch.Tensor:
     """The sampling points ``S = G + O`` as ``grid_sample``'s normalised grid, one per channel group.
 
@@ -80,6 +85,9 @@ def sampling_grid(
             ``2 * groups * scale**2`` values in that ``(axis, group, sub-pixel)`` order).
         groups (int): Channel groups.
         scale (int): Upsampling factor.
+        nan_to_first (bool): Send NaN coordinates to the first row / column (two ``where``). ``False`` clamps
+            with one ``clamp`` instead, which keeps ``+-inf`` on the border but lets NaN through, for converters
+            without comparisons (``[pnnx]``).
 
     Returns:
         (torch.Tensor): ``(B * groups, scale * H, scale * W, 2)``, x then y in ``[-1, 1]`` over the pixel
@@ -87,6 +95,8 @@ def sampling_grid(
     """
     batch, _, height, width = x.shape
     coordinate_dtype = torch.promote_types(x.dtype, torch.float32)  # [half] pixel arithmetic in float32
+    if not torch.jit.is_tracing() and batch == 0:  # an empty batch: the pixel centres below come from x[:1]
+        return x.new_zeros((0, scale * height, scale * width, 2))
     points = offsets.to(coordinate_dtype).reshape(batch, groups * scale * scale, 2, height * width)
     initial = initial_positions.to(coordinate_dtype).reshape(2, -1).t().reshape(1, -1, 2, 1)  # (1, g s^2, 2, 1)
     if _in_onnx_export():  # [onnx<11] no CumSum below opset 11; Range (arange) exists from opset 9
@@ -109,6 +119,8 @@ def sampling_grid(
     # points beyond +-2 to +-2 changes no value and no gradient. NaN fails the first comparison, so it lands on
     # -2 (the first row or column); +-inf lands on the border. A local: TorchScript closes over no float global.
     outside = 2.0
+    if not nan_to_first:  # [pnnx] no comparison or where
+        return points.clamp(-outside, outside)
     points = torch.where(points > -outside, points, -outside)
     return torch.where(points < outside, points, outside)
 
