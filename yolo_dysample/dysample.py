@@ -18,7 +18,7 @@ from torch import nn
 
 from yolo_dysample import cpu_sampling
 from yolo_dysample.sampling import bilinear_positions, grid_sample_per_group, sample_groups, sampling_grid
-from yolo_dysample.validation import as_whole_number
+from yolo_dysample.validation import as_whole_number, configuration_error
 
 __all__ = ["MAX_SCALE", "SAMPLERS", "STYLES", "DySample", "ExportForm", "configuration_error"]
 
@@ -55,28 +55,6 @@ class ExportForm(NamedTuple):
     grid_sample_per_group: bool = False
     frozen_projection: bool = False
     sampler_chosen_by_user: bool = False
-
-
-def configuration_error(style: str, in_channels: int, scale: int, groups: int) -> str | None:
-    """Why ``groups`` cannot split the channels of this configuration, or ``None`` if it can.
-
-    The rule: LP needs ``groups`` to divide ``in_channels``; PL, which pixel-shuffles first, needs ``scale**2`` to
-    divide ``in_channels`` and ``groups`` to divide ``in_channels / scale**2``.
-
-    Examples:
-        >>> configuration_error("pl", 64, 2, 4) is None
-        True
-        >>> configuration_error("lp", 64, 2, 3)
-        'groups=3 must divide in_channels=64'
-    """
-    if in_channels % groups:
-        return f"groups={groups} must divide in_channels={in_channels}"
-    sub_pixels = scale * scale
-    if style == "pl" and in_channels % sub_pixels:
-        return f"style='pl' needs in_channels={in_channels} divisible by scale**2={sub_pixels}"
-    if style == "pl" and (in_channels // sub_pixels) % groups:
-        return f"style='pl' needs groups={groups} to divide in_channels / scale**2 = {in_channels // sub_pixels}"
-    return None
 
 
 def _conv_shape(style: str, in_channels: int, scale: int, groups: int) -> tuple[int, int]:

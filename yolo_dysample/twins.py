@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from yolo_dysample.validation import configuration_error
+
 __all__ = [
     "GROUP_CHOICES",
     "MARKER_BEGIN",
@@ -168,8 +170,7 @@ def choose_groups(in_channels: Sequence[int], scale: int, style: str, requested:
         ValueError: ``requested`` does not divide the channels, or no choice does.
     """
     for groups in (requested,) if requested is not None else GROUP_CHOICES:
-        needed = groups * scale * scale if style == "pl" else groups
-        if groups >= 1 and all(channels % needed == 0 for channels in in_channels):
+        if groups >= 1 and all(configuration_error(style, channels, scale, groups) is None for channels in in_channels):
             return groups
     tried = f"groups={requested}" if requested is not None else f"groups in {GROUP_CHOICES}"
     raise ValueError(f"no {tried} works for style={style!r}, scale={scale} with input channels {list(in_channels)}")

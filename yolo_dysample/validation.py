@@ -7,7 +7,7 @@ import numbers
 import operator
 from typing import Any
 
-__all__ = ["as_whole_number"]
+__all__ = ["as_whole_number", "configuration_error"]
 
 
 def as_whole_number(name: str, value: Any, minimum: int, maximum: int | None = None, whole_floats: bool = False) -> int:
@@ -46,3 +46,25 @@ def as_whole_number(name: str, value: Any, minimum: int, maximum: int | None = N
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name}={value!r} must be a whole number {bound}")
     return whole
+
+
+def configuration_error(style: str, in_channels: int, scale: int, groups: int) -> str | None:
+    """Why ``groups`` cannot split the channels of this configuration, or ``None`` if it can.
+
+    The rule: LP needs ``groups`` to divide ``in_channels``; PL, which pixel-shuffles first, needs ``scale**2`` to
+    divide ``in_channels`` and ``groups`` to divide ``in_channels / scale**2``.
+
+    Examples:
+        >>> configuration_error("pl", 64, 2, 4) is None
+        True
+        >>> configuration_error("lp", 64, 2, 3)
+        'groups=3 must divide in_channels=64'
+    """
+    if in_channels % groups:
+        return f"groups={groups} must divide in_channels={in_channels}"
+    sub_pixels = scale * scale
+    if style == "pl" and in_channels % sub_pixels:
+        return f"style='pl' needs in_channels={in_channels} divisible by scale**2={sub_pixels}"
+    if style == "pl" and (in_channels // sub_pixels) % groups:
+        return f"style='pl' needs groups={groups} to divide in_channels / scale**2 = {in_channels // sub_pixels}"
+    return None

@@ -8,15 +8,16 @@ variant, the median of the per-round ratios to stock (a ratio taken within a rou
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from yolo_dysample.compare.runner import read_json
 from yolo_dysample.compare.settings import LATENCY_WARMUP, STOCK
+from yolo_dysample.tools.timing import interleaved_samples, median_ratio
 
 __all__ = ["LATENCY_FILE", "interleaved_latency", "measure_latency"]
 
@@ -47,29 +48,17 @@ def interleaved_latency(networks: Mapping[str, Any], image: Any, rounds: int, wa
     """
     import torch
 
-    synchronize = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
-    names = list(networks)
-    timings: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                networks[name](image)
-        synchronize()
-        for round_index in range(rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                started = time.perf_counter()
-                networks[name](image)
-                synchronize()
-                timings[name].append((time.perf_counter() - started) * 1000)
+    synchronize = torch.cuda.synchronize if image.device.type == "cuda" else None
+    calls = {name: functools.partial(network, image) for name, network in networks.items()}
+    with torch.inference_mode():  # one pass per sample: min_block_seconds=0
+        seconds = interleaved_samples(calls, rounds, min_block_seconds=0.0, warmup=warmup, synchronize=synchronize)
+    timings = {name: [value * 1000 for value in samples] for name, samples in seconds.items()}
     result = {}
-    for name in names:
-        q1, median, q3 = _quartiles(timings[name])
+    for name, samples in timings.items():
+        q1, median, q3 = _quartiles(samples)
         result[name] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "rounds": rounds}
         if STOCK in timings:
-            result[name]["ratio_to_stock"] = statistics.median(
-                mine / reference for mine, reference in zip(timings[name], timings[STOCK], strict=True)
-            )
+            result[name]["ratio_to_stock"] = median_ratio(samples, timings[STOCK])
     return result
 
 

@@ -22,7 +22,7 @@ For YOLOv8n, YOLOv8s and YOLO11n, the stock model and the four DySample variants
 
 Writes ``models.md`` and ``models.json`` to ``--output-dir`` (default ``docs/benchmarks``; ``--quick``:
 a temp dir) and prints the machine and versions. Default run: about 9 minutes with ``--threads 1`` on
-the busy 2-core development machine; ``--quick`` (YOLOv8n stock vs LP only, training at 320): about
+a 2-core CPU; ``--quick`` (YOLOv8n stock vs LP only, training at 320): about
 1 minute.
 
 Usage:
@@ -77,7 +77,7 @@ EXPECTED_CONFIGURATION = {  # variant -> (style, dyscope) every DySample layer o
 }
 IMGSZ = 640
 ONNX_OPSET = 17
-END_TO_END_TARGET = ("yolov8n", "dysample-lp", 1.02)  # issue 5: YOLOv8n-dysample <= 1.02x stock
+END_TO_END_TARGET = ("yolov8n", "dysample-lp", 1.02)  # target: YOLOv8n-dysample <= 1.02x stock
 KERNEL_OFF = " (grid_sample)"  # PyTorch latency key suffix: the same model with YOLO_DYSAMPLE_CPU_KERNEL=0
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout: docs/ and git history

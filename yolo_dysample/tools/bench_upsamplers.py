@@ -20,7 +20,7 @@ is measured in the same rounds.
 Writes ``upsamplers.md``, ``upsamplers.json`` and ``upsamplers.png`` (``--name`` changes the stem, e.g.
 ``upsamplers-2threads``) to ``--output-dir`` (default ``docs/benchmarks``) and prints the machine, the
 versions and the load average before each section. The default run takes about 5 minutes with
-``--threads 1`` on the busy 2-core development machine; ``--quick`` (no CARAFE, fewer shapes and
+``--threads 1`` on a 2-core CPU; ``--quick`` (no CARAFE, fewer shapes and
 rounds) 1-2 minutes.
 
 Usage:
@@ -71,7 +71,7 @@ BATCH_CURVE_SHAPE = (128, 40, 40)
 NECK_MODELS = ("yolov8n.yaml", "yolov8s.yaml")
 SECTIONS = ("paper", "pieces", "neck", "curves")
 MODES = ("forward", "train")  # train: forward + backward of a given output gradient
-# Targets of issue 5, as ratios to bilinear interpolation at the paper's setting (CPU).
+# Speed targets, as ratios to bilinear interpolation at the paper's setting (CPU).
 TARGETS = (
     ("dysample-lp", "forward", 1.0),
     ("dysample-pl", "forward", 1.1),
