@@ -57,7 +57,11 @@ def student_t_cdf(t: float, df: float) -> float:
         raise ValueError(f"df={df!r} must be > 0")
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    squared = t * t
+    if squared < df:  # near 0: P(|T| < |t|) = I_{t^2 / (df + t^2)}(1/2, df/2), without 1 - x cancelling to 0
+        inner = 0.5 * regularized_incomplete_beta(0.5, df / 2.0, squared / (df + squared))  # P(0 < T < |t|)
+        return 0.5 + inner if t > 0 else 0.5 - inner
+    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + squared))  # P(T > |t|)
     return 1.0 - tail if t > 0 else tail
 
 
