@@ -180,9 +180,10 @@ EXPORTED = [  # one model per family: torch vs ONNX Runtime on the same input
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_class", "name"), EXPORTED, ids=[e[1] for e in EXPORTED])
-def test_family_exports_to_onnx_with_the_outputs_of_torch(model_class, name, tmp_path, onnx_export_works):
+def test_family_exports_to_onnx_with_the_outputs_of_torch(model_class, name, tmp_path, monkeypatch, onnx_export_works):
     import onnxruntime
 
+    monkeypatch.chdir(tmp_path)  # a model built from a YAML exports into the working directory, not the checkout
     model = _model(model_class, _first_available(name))
     _break_score_ties(model.model)
     imgsz = image_size(model_class)
