@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from yolo_dysample.tools.bench_common import load_average, machine_summary
 from yolo_dysample.tools.doc_sections import replace_section
-from yolo_dysample.tools.timing import interleaved_samples, median_ratio, spread
+from yolo_dysample.tools.timing import against_reference, interleaved_samples
 
 __all__ = ["BEGIN_MARKER", "END_MARKER", "RUNTIMES", "main", "measure", "render", "write_section"]
 
@@ -190,15 +189,16 @@ def _runner(runtime: str, exported: str, threads: int, image: np.ndarray) -> Cal
 
 
 def _row(name: str, threads: int, samples: dict[str, list[float]], reference: str, candidate: str) -> dict:
+    summary = against_reference(samples[candidate], samples[reference])
     return {
         "name": name,
         "threads": threads,
         "reference": reference,
         "candidate": candidate,
-        "reference_ms": 1e3 * statistics.median(samples[reference]),
-        "candidate_ms": 1e3 * statistics.median(samples[candidate]),
-        "ratio": median_ratio(samples[candidate], samples[reference]),
-        "spread": spread([value / base for value, base in zip(samples[candidate], samples[reference], strict=True)]),
+        "reference_ms": summary["reference_ms"],
+        "candidate_ms": summary["ms"],
+        "ratio": summary["ratio"],
+        "spread": summary["spread"],
     }
 
 

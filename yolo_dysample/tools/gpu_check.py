@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 import traceback
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from yolo_dysample.tools.timing import interleaved_samples, median_ratio, spread
+from yolo_dysample.tools.timing import against_reference, interleaved_samples
 
 __all__ = ["PAPER", "Settings", "main", "render", "run_checks"]
 
@@ -76,16 +75,12 @@ def _timed_rows(
     for name in calls:
         if name == reference:
             continue
-        ratios = [value / base for value, base in zip(samples[name], samples[reference], strict=True)]
         rows.append(
             {
                 "part": part,
                 "case": name,
                 "reference": reference,
-                "reference_ms": 1e3 * statistics.median(samples[reference]),
-                "ms": 1e3 * statistics.median(samples[name]),
-                "ratio": median_ratio(samples[name], samples[reference]),
-                "spread": spread(ratios),
+                **against_reference(samples[name], samples[reference]),
                 **extra,
             }
         )

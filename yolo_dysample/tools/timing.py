@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["interleaved_samples", "median_ratio", "spread", "time_block"]
+__all__ = ["against_reference", "interleaved_samples", "median_ratio", "spread", "time_block"]
 
 
 def time_block(
@@ -76,3 +76,14 @@ def spread(samples: list[float]) -> float:
         return 0.0
     quartiles = statistics.quantiles(samples, n=4, method="inclusive")
     return (quartiles[2] - quartiles[0]) / 2 / statistics.median(samples)
+
+
+def against_reference(samples: list[float], reference: list[float]) -> dict[str, float]:
+    """Medians in milliseconds, the median per-round ratio and that ratio's spread, for samples in seconds."""
+    ratios = [value / base for value, base in zip(samples, reference, strict=True)]
+    return {
+        "reference_ms": 1e3 * statistics.median(reference),
+        "ms": 1e3 * statistics.median(samples),
+        "ratio": statistics.median(ratios),
+        "spread": spread(ratios),
+    }
