@@ -60,6 +60,31 @@ def test_quick_deployment_run_reports_the_onnx_ratio_and_the_eager_layer_rows(tm
     assert table.count("\n| ") == 2 + len(rows)
 
 
+def test_a_file_the_runtime_cannot_load_is_its_own_row_and_the_others_are_still_timed(tmp_path, monkeypatch):
+    def export(checkpoint, export_format, imgsz, sampler=None):
+        return f"{checkpoint.parent.name}-{sampler or 'auto'}"
+
+    def runner(runtime, exported, threads, image):
+        if exported == "dysample-gather":
+            raise RuntimeError("cannot load it")
+        return lambda: None
+
+    checkpoints = {variant: tmp_path / variant / "model.pt" for variant in ("stock", "dysample")}
+    monkeypatch.setattr(bench_deployment, "build_checkpoints", lambda _: checkpoints)
+    monkeypatch.setattr(bench_deployment, "export", export)
+    monkeypatch.setattr(bench_deployment, "_runner", runner)
+    arguments = bench_deployment.parse_arguments(["--runtimes", "onnxruntime", "--samplers", "grid_sample", "gather"])
+    arguments.rounds, arguments.block, arguments.imgsz, arguments.threads = 1, 0.0, 32, [1, 2]
+    rows = bench_deployment.measure_runtimes(arguments, tmp_path)
+    timed = [(row["name"], row["threads"]) for row in rows if "ratio" in row]
+    assert timed == [
+        (name, threads) for threads in (1, 2) for name in ("onnxruntime", "onnxruntime, grid_sample forced")
+    ]
+    assert [row for row in rows if "status" in row] == [
+        {"name": "onnxruntime, gather forced", "status": "RuntimeError: cannot load it"}
+    ]
+
+
 def test_gpu_check_dry_run_on_the_cpu_times_every_variant_and_checks_non_finite_offsets(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--parts", "layer", "nan", "tensorrt"]) == 0
     result = json.loads((tmp_path / "gpu_check.json").read_text())

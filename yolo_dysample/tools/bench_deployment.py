@@ -202,6 +202,15 @@ def _row(name: str, threads: int, samples: dict[str, list[float]], reference: st
     }
 
 
+def _sampler_of(name: str) -> str | None:
+    """``"dysample (gather)"`` -> ``"gather"``; the default export (``"dysample"``) -> None."""
+    return name[len("dysample (") : -1] if name.startswith("dysample (") else None
+
+
+def _label(runtime: str, sampler: str | None) -> str:
+    return runtime if sampler is None else f"{runtime}, {sampler} forced"
+
+
 def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]:
     """Rows ``DySample / stock`` for every runtime, thread count and forced sampler."""
     checkpoints = build_checkpoints(workdir)
@@ -215,20 +224,32 @@ def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]
         try:
             files = {"stock": export(checkpoints["stock"], export_format, arguments.imgsz)}
             files["dysample"] = export(checkpoints["dysample"], export_format, arguments.imgsz)
-            for sampler in arguments.samplers:
+        except Exception as error:  # noqa: BLE001 - a failing runtime is a row with its reason
+            rows.append({"name": runtime, "status": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        for sampler in arguments.samplers:
+            try:
                 files[f"dysample ({sampler})"] = export(
                     checkpoints["dysample"], export_format, arguments.imgsz, sampler
                 )
-            for threads in arguments.threads:
-                runners = {name: _runner(runtime, path, threads, image) for name, path in files.items()}
-                samples = interleaved_samples(runners, arguments.rounds, arguments.block)
-                for name in files:
-                    if name != "stock":
-                        label = runtime if name == "dysample" else f"{runtime}, {name[len('dysample (') : -1]} forced"
-                        rows.append(_row(label, threads, samples, "stock", name))
-                print(f"[{runtime}] threads {threads} (load {load_average()})", flush=True)
-        except Exception as error:  # noqa: BLE001 - a failing runtime is a row with its reason
-            rows.append({"name": runtime, "status": f"{type(error).__name__}: {error}"[:300]})
+            except Exception as error:  # noqa: BLE001 - a sampler this format cannot take is a row with its reason
+                rows.append({"name": _label(runtime, sampler), "status": f"{type(error).__name__}: {error}"[:300]})
+        for threads in arguments.threads:
+            runners = {}
+            for name, path in files.items():
+                try:
+                    runners[name] = _runner(runtime, path, threads, image)
+                except Exception as error:  # noqa: BLE001 - one file the runtime cannot load leaves the others
+                    if threads == arguments.threads[0]:
+                        status = f"{type(error).__name__}: {error}"[:300]
+                        rows.append({"name": _label(runtime, _sampler_of(name)), "status": status})
+            if "stock" not in runners:
+                continue
+            samples = interleaved_samples(runners, arguments.rounds, arguments.block)
+            for name in runners:
+                if name != "stock":
+                    rows.append(_row(_label(runtime, _sampler_of(name)), threads, samples, "stock", name))
+            print(f"[{runtime}] threads {threads} (load {load_average()})", flush=True)
     return rows
 
 
