@@ -28,6 +28,8 @@ def _finished_comparison(directory: Path, name: str, deltas: dict[str, list[floa
         for seed, (base, offset) in enumerate(zip(stock, offsets, strict=True)):
             run = PlannedRun(variant, seed, f"yolov8n-{variant}.yaml", comparison / f"{variant}-seed{seed}", {})
             record = {
+                "variant": variant,
+                "seed": seed,
                 "metrics": {"metrics/mAP50-95(B)": base},
                 "test_metrics": {PRIMARY: base + offset},
                 "epochs_completed": 10,
@@ -88,7 +90,7 @@ def test_readme_gives_each_comparisons_paired_difference_with_its_interval(tmp_p
     assert "test mAP50-95 of DySample − stock (nearest) = +0.0100 (95 % CI [+0.0074, +0.0126]" in finetune_line
     assert "p = 0.001), a gain; bilinear +0.0040 (95 % CI [-0.0090, +0.0170], p = 0.399)" in finetune_line
     assert scratch_line.startswith("- `scratch` (4 seeds, trained 10 epochs from scratch, scored on 400 held-out")
-    assert "no difference this benchmark can resolve" in scratch_line
+    assert "no difference this benchmark can resolve (CI half-width 0.0291)" in scratch_line
 
     page = (checkout / "docs" / "small_object_benchmark.md").read_text()
     assert page.count("commit `abc123`") == 2 and "8 runs from 2026-12-01T10:00:00" in page
@@ -97,6 +99,10 @@ def test_readme_gives_each_comparisons_paired_difference_with_its_interval(tmp_p
     assert sorted(path.name for path in stored.iterdir()) == [
         f"accuracy-{name}.{suffix}" for name in ("finetune", "scratch") for suffix in ("csv", "json", "md")
     ]
+    record = json.loads((stored / "accuracy-finetune.json").read_text())
+    dysample = {run["seed"]: run["metrics"][PRIMARY] for run in record["per_run"] if run["variant"] == "dysample"}
+    stock = {run["seed"]: run["metrics"][PRIMARY] for run in record["per_run"] if run["variant"] == "stock"}
+    assert [round(dysample[seed] - stock[seed], 6) for seed in range(4)] == [0.010, 0.012, 0.008, 0.010]
     assert accuracy_page.main(["--repo", str(checkout), "--check"]) == 0
 
 

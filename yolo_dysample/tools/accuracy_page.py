@@ -125,6 +125,14 @@ def store_comparison(directory: Path, repo: Path = REPO, commit: str | None = No
         "finished": finished,
         "train_seconds": round(sum(run.get("train_call_seconds") or 0.0 for run in runs), 1),
         "settings": json.loads((directory / "compare_settings.json").read_text()),
+        "per_run": [  # every run's own metrics, so a paired difference can be recomputed from the page's data
+            {
+                "variant": run["variant"],
+                "seed": run["seed"],
+                "metrics": {**run.get("metrics", {}), **(run.get("test_metrics") or {})},
+            }
+            for run in runs
+        ],
     }
     for file, suffix in PLOTS.items():
         if (directory / file).is_file():
@@ -172,7 +180,7 @@ def _verdict(low: float, high: float) -> str:
         return "a gain"
     if high < 0:
         return "a loss"
-    return "no difference this benchmark can resolve"
+    return f"no difference this benchmark can resolve (CI half-width {(high - low) / 2:.4f})"
 
 
 def _interval(delta: tuple[float, float, float, float, int]) -> str:
