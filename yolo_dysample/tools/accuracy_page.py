@@ -115,7 +115,7 @@ def store_comparison(directory: Path, repo: Path = REPO, commit: str | None = No
     started, finished = _progress_times(directory)
     record = {
         "name": name,
-        "commit": commit or _commit(Path(__file__).resolve().parents[2]),
+        "commit": commit or _commit(REPO),
         "machine": _cpu(),
         "python": platform.python_version(),
         "versions": {key: sorted({run[key] for run in runs}) for key in ("torch", "ultralytics", "yolo_dysample")},
@@ -234,7 +234,7 @@ def page_section(comparison: Comparison, repo: Path = REPO) -> str:
         body = body[1:]
     while body and not body[0].strip():
         body = body[1:]
-    lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in body]
+    lines += body
     for suffix in PLOTS.values():
         plot = STORE / f"accuracy-{comparison.name}-{suffix}.png"
         if (repo / plot).is_file():
@@ -255,24 +255,18 @@ def write_docs(repo: Path = REPO, check: bool = False) -> list[str]:
         (list[str]): The files that differed from the fresh generation (written unless ``check``).
     """
     comparisons = load_stored(repo)
-    differing = []
-    readme = repo / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    fresh = readme_tables.replace_section(text, README_SECTION, readme_sentences(comparisons))
-    if fresh != text:
-        differing.append(str(readme))
-        if not check:
-            _write_atomically(readme, fresh)
-    page = repo / PAGE
-    text = page.read_text(encoding="utf-8")
-    fresh = text
-    for comparison in comparisons:
-        fresh = readme_tables.replace_section(fresh, f"result-{comparison.name}", page_section(comparison, repo))
-    if fresh != text:
-        differing.append(str(page))
-        if not check:
-            _write_atomically(page, fresh)
-    return differing
+    documents = {
+        repo / "README.md": {README_SECTION: lambda: readme_sentences(comparisons)},
+        repo / PAGE: {
+            f"result-{comparison.name}": (lambda comparison=comparison: page_section(comparison, repo))
+            for comparison in comparisons
+        },
+    }
+    return [
+        str(document)
+        for document, sections in documents.items()
+        if not readme_tables.write_sections(document, check=check, sections=sections)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

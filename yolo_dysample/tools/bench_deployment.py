@@ -202,13 +202,14 @@ def _row(name: str, threads: int, samples: dict[str, list[float]], reference: st
     }
 
 
-def _sampler_of(name: str) -> str | None:
-    """``"dysample (gather)"`` -> ``"gather"``; the default export (``"dysample"``) -> None."""
-    return name[len("dysample (") : -1] if name.startswith("dysample (") else None
-
-
 def _label(runtime: str, sampler: str | None) -> str:
+    """A row's name: the runtime for the default export, ``"<runtime>, <sampler> forced"`` otherwise."""
     return runtime if sampler is None else f"{runtime}, {sampler} forced"
+
+
+def _failure(name: str, error: Exception) -> dict:
+    """A row that gives the reason instead of a timing."""
+    return {"name": name, "status": f"{type(error).__name__}: {error}"[:300]}
 
 
 def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]:
@@ -221,11 +222,13 @@ def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]
         if importlib.util.find_spec(distribution) is None and importlib.util.find_spec(distribution.lower()) is None:
             rows.append({"name": runtime, "status": f"{distribution} not installed"})
             continue
-        try:
+        labels = {"stock": runtime, "dysample": runtime}  # candidate -> row name (a failing stock file: the runtime)
+        labels.update({f"dysample ({sampler})": _label(runtime, sampler) for sampler in arguments.samplers})
+        try:  # candidate -> exported file; "stock" is the reference
             files = {"stock": export(checkpoints["stock"], export_format, arguments.imgsz)}
             files["dysample"] = export(checkpoints["dysample"], export_format, arguments.imgsz)
         except Exception as error:  # noqa: BLE001 - a failing runtime is a row with its reason
-            rows.append({"name": runtime, "status": f"{type(error).__name__}: {error}"[:300]})
+            rows.append(_failure(runtime, error))
             continue
         for sampler in arguments.samplers:
             try:
@@ -233,7 +236,7 @@ def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]
                     checkpoints["dysample"], export_format, arguments.imgsz, sampler
                 )
             except Exception as error:  # noqa: BLE001 - a sampler this format cannot take is a row with its reason
-                rows.append({"name": _label(runtime, sampler), "status": f"{type(error).__name__}: {error}"[:300]})
+                rows.append(_failure(_label(runtime, sampler), error))
         for threads in arguments.threads:
             runners = {}
             for name, path in files.items():
@@ -241,14 +244,11 @@ def measure_runtimes(arguments: argparse.Namespace, workdir: Path) -> list[dict]
                     runners[name] = _runner(runtime, path, threads, image)
                 except Exception as error:  # noqa: BLE001 - one file the runtime cannot load leaves the others
                     if threads == arguments.threads[0]:
-                        status = f"{type(error).__name__}: {error}"[:300]
-                        rows.append({"name": _label(runtime, _sampler_of(name)), "status": status})
+                        rows.append(_failure(labels[name], error))
             if "stock" not in runners:
                 continue
             samples = interleaved_samples(runners, arguments.rounds, arguments.block)
-            for name in runners:
-                if name != "stock":
-                    rows.append(_row(_label(runtime, _sampler_of(name)), threads, samples, "stock", name))
+            rows += [_row(labels[name], threads, samples, "stock", name) for name in runners if name != "stock"]
             print(f"[{runtime}] threads {threads} (load {load_average()})", flush=True)
     return rows
 

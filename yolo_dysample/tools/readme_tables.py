@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = ["SECTIONS", "replace_section", "variants_table", "write_sections"]
@@ -64,11 +64,14 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda match: match[1] + body.rstrip("\n") + "\n" + match[3], text, count=1)
 
 
-def write_sections(readme: Path, check: bool = False) -> bool:
-    """Regenerate every section of ``readme``; with ``check``, only compare. Returns True if it was up to date."""
+def write_sections(readme: Path, check: bool = False, sections: Mapping[str, Callable[[], str]] = SECTIONS) -> bool:
+    """Regenerate ``sections`` (default: the README's) of ``readme``; with ``check``, only compare.
+
+    Returns True if it was up to date.
+    """
     text = readme.read_text(encoding="utf-8")
     fresh = text
-    for name, render in SECTIONS.items():
+    for name, render in sections.items():
         fresh = replace_section(fresh, name, render())
     if fresh != text and not check:
         temporary = readme.with_suffix(".md.tmp")
