@@ -120,3 +120,4 @@ def test_an_unfinished_comparison_is_refused(tmp_path, checkout):
     (tmp_path / "scratch").mkdir()
     with pytest.raises(FileNotFoundError, match="finish the comparison first"):
         accuracy_page.store_comparison(tmp_path / "scratch", checkout)
+    assert accuracy_page.main([str(tmp_path / "scratch"), "--repo", str(checkout)]) == 2  # a message, no traceback

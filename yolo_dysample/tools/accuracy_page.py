@@ -279,10 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check and args.comparisons:
         parser.error("--check compares the docs with what is stored; give no comparison folders")
-    for directory in args.comparisons:
-        stored = store_comparison(directory, args.repo, args.commit)
-        print(f"stored {stored.name}: {len(stored.rows)} variants, {stored.record['runs']} runs")
-    differing = write_docs(args.repo, check=args.check)
+    try:
+        for directory in args.comparisons:
+            stored = store_comparison(directory, args.repo, args.commit)
+            print(f"stored {stored.name}: {len(stored.rows)} variants, {stored.record['runs']} runs")
+        differing = write_docs(args.repo, check=args.check)
+    except (OSError, ValueError) as error:  # an unfinished comparison, a doc without its markers
+        print(f"accuracy_page: {error}", file=sys.stderr)
+        return 2
     if args.check and differing:
         print(f"out of date: {', '.join(differing)}; run python -m yolo_dysample.tools.accuracy_page", file=sys.stderr)
         return 1
